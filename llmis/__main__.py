@@ -1,0 +1,3 @@
+from llmis.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Thin aiohttp handlers; the logic they call lives in the modules above."""

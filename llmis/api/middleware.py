@@ -1,0 +1,98 @@
+"""The one place exceptions become HTTP responses, always in OpenAI's error shape."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from pydantic import ValidationError
+
+from llmis.errors import APIError, error_body
+from llmis.state import SETTINGS
+
+__all__ = ["error_middleware", "read_json", "validation_error"]
+
+logger = logging.getLogger(__name__)
+
+_HTTP_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def validation_error(exc: ValidationError) -> APIError:
+    """A pydantic error as a 400 naming the first bad field in ``param``."""
+    first = exc.errors()[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    message = first["msg"].removeprefix("Value error, ")
+    if len(exc.errors()) > 1:
+        message += f" (and {len(exc.errors()) - 1} more problems)"
+    return APIError(
+        f"{param}: {message}" if param else message,
+        param=param,
+        status=400,
+        code="invalid_value" if first["type"] != "missing" else "missing_required_parameter",
+    )
+
+
+async def read_json(request: web.Request) -> object:
+    """The request body as JSON, or a 400 / 413 in OpenAI's shape."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise APIError(
+            f"The request body is larger than the limit of "
+            f"{request.app[SETTINGS].server.max_body_bytes} bytes.",
+            status=413,
+            code="request_too_large",
+        ) from None
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(
+            f"We could not parse the JSON body of your request: {exc}",
+            status=400,
+            code="invalid_json",
+        ) from None
+
+
+def _http_error(exc: web.HTTPException) -> web.Response:
+    if exc.status == 404:
+        message = "Not found: no such route."
+    elif exc.status == 405:
+        message = f"Method not allowed; use {exc.headers.get('Allow', 'another method')}."
+    else:
+        message = exc.reason
+    type_ = _HTTP_TYPES.get(exc.status, "server_error" if exc.status >= 500 else "invalid_request_error")
+    headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+    return web.json_response(error_body(message, type_), status=exc.status, headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except APIError as exc:
+        if exc.status >= 500:
+            logger.warning("%s %s -> %s: %s", request.method, request.path, exc.status, exc.message)
+        return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+    except ValidationError as exc:
+        err = validation_error(exc)
+        return web.json_response(err.body(), status=err.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _http_error(exc)
+    except Exception:
+        logger.exception("unhandled error in %s %s", request.method, request.path)
+        return web.json_response(
+            error_body("The server had an error while processing your request.", "server_error"),
+            status=500,
+        )

@@ -1,0 +1,165 @@
+"""OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from llmis.api.middleware import read_json
+from llmis.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    new_id,
+    now,
+    usage_chunk,
+)
+from llmis.serving import Generation, collect, start_chat, start_completion
+from llmis.sse import EventStream
+from llmis.state import MANAGER, SETTINGS
+from llmis.worker import Delta, Failed, Finished
+
+__all__ = ["routes"]
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/v1/models")
+async def list_models(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    data = [
+        {
+            "id": entry.name,
+            "object": "model",
+            "created": entry.created,
+            "owned_by": "llmis",
+            "state": entry.state.value,
+        }
+        for entry in manager.entries()
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+@routes.get("/v1/models/{name:.+}")
+async def get_model(request: web.Request) -> web.Response:
+    entry = request.app[MANAGER].entry(request.match_info["name"])
+    return web.json_response(
+        {"id": entry.name, "object": "model", "created": entry.created, "owned_by": "llmis"}
+    )
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    req = ChatCompletionRequest.model_validate(await read_json(request))
+    generation = await start_chat(request.app[MANAGER], req)
+    try:
+        if req.stream:
+            return await _stream_chat(request, req, generation)
+        result = await collect(generation.jobs[0])
+        return web.json_response(
+            chat_response(
+                new_id("chatcmpl"),
+                req.model,
+                now(),
+                result.text,
+                result.finish_reason,
+                result.prompt_tokens,
+                result.completion_tokens,
+            )
+        )
+    finally:
+        generation.cancel()
+
+
+@routes.post("/v1/completions")
+async def completions(request: web.Request) -> web.StreamResponse:
+    req = CompletionRequest.model_validate(await read_json(request))
+    generation = await start_completion(request.app[MANAGER], req)
+    try:
+        if req.stream:
+            return await _stream_completion(request, req, generation)
+        results = [await collect(job) for job in generation.jobs]
+        return web.json_response(
+            completion_response(
+                new_id("cmpl"),
+                req.model,
+                now(),
+                [(r.text, r.finish_reason) for r in results],
+                sum(r.prompt_tokens for r in results),
+                sum(r.completion_tokens for r in results),
+            )
+        )
+    finally:
+        generation.cancel()
+
+
+async def _stream_chat(
+    request: web.Request, req: ChatCompletionRequest, generation: Generation
+) -> web.StreamResponse:
+    id_, created, model = new_id("chatcmpl"), now(), req.model
+    usage = req.include_usage
+    keepalive = request.app[SETTINGS].server.keepalive_seconds
+    sse = EventStream(request)
+    try:
+        await sse.prepare()
+        await sse.send(chat_chunk(id_, model, created, {"role": "assistant", "content": ""}, None, usage))
+        async for event in generation.jobs[0].stream(keepalive):
+            if event is None:
+                await sse.ping()
+            elif isinstance(event, Delta):
+                await sse.send(chat_chunk(id_, model, created, {"content": event.text}, None, usage))
+            elif isinstance(event, Finished):
+                await sse.send(chat_chunk(id_, model, created, {}, event.finish_reason, usage))
+                if usage:
+                    await sse.send(
+                        usage_chunk(
+                            id_,
+                            "chat.completion.chunk",
+                            model,
+                            created,
+                            event.prompt_tokens,
+                            event.completion_tokens,
+                        )
+                    )
+            elif isinstance(event, Failed):
+                await sse.send(event.error.body())
+        await sse.done()
+    except ConnectionResetError:
+        pass  # the client left; the caller cancels the job
+    return sse.response
+
+
+async def _stream_completion(
+    request: web.Request, req: CompletionRequest, generation: Generation
+) -> web.StreamResponse:
+    id_, created, model = new_id("cmpl"), now(), req.model
+    usage = req.include_usage
+    keepalive = request.app[SETTINGS].server.keepalive_seconds
+    sse = EventStream(request)
+    prompt_tokens = completion_tokens = 0
+    try:
+        await sse.prepare()
+        for index, job in enumerate(generation.jobs):
+            async for event in job.stream(keepalive):
+                if event is None:
+                    await sse.ping()
+                elif isinstance(event, Delta):
+                    await sse.send(completion_chunk(id_, model, created, index, event.text, None, usage))
+                elif isinstance(event, Finished):
+                    prompt_tokens += event.prompt_tokens
+                    completion_tokens += event.completion_tokens
+                    await sse.send(
+                        completion_chunk(id_, model, created, index, "", event.finish_reason, usage)
+                    )
+                elif isinstance(event, Failed):
+                    await sse.send(event.error.body())
+        if usage:
+            await sse.send(
+                usage_chunk(id_, "text_completion", model, created, prompt_tokens, completion_tokens)
+            )
+        await sse.done()
+    except ConnectionResetError:
+        pass
+    return sse.response

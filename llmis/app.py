@@ -1,0 +1,34 @@
+"""``create_app(settings) -> web.Application`` and nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from llmis.api import health, openai
+from llmis.api.middleware import error_middleware
+from llmis.config import Settings
+from llmis.models import ModelManager
+from llmis.state import MANAGER, SETTINGS
+
+__all__ = ["create_app"]
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        middlewares=[error_middleware],
+        client_max_size=settings.server.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app[MANAGER] = ModelManager(settings)
+
+    async def models_ctx(app: web.Application) -> AsyncIterator[None]:
+        await app[MANAGER].start()
+        yield
+        await app[MANAGER].close()
+
+    app.cleanup_ctx.append(models_ctx)
+    app.add_routes(health.routes)
+    app.add_routes(openai.routes)
+    return app

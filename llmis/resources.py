@@ -1,0 +1,80 @@
+"""Find model files: paths inside the models dir, or files carried by installed packages.
+
+A package resource is written ``dist-name:path/inside/dist.gguf``. It is found through the
+distribution's file list (``importlib.metadata``), so the package is never imported just to
+find it. A distribution that does not carry the file itself but ships an ``assemble(path)``
+function (the chunked Gemma package does) has the file built once into
+``<models_dir>/.assembled/`` and reused from then on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import logging
+import threading
+from pathlib import Path
+
+from llmis.errors import ModelFileError
+
+__all__ = ["resolve_resource", "safe_model_path"]
+
+logger = logging.getLogger(__name__)
+_assemble_lock = threading.Lock()
+
+
+def _top_level_modules(dist: importlib.metadata.Distribution) -> list[str]:
+    text = dist.read_text("top_level.txt") or ""
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    return names or [dist.metadata["Name"].replace("-", "_")]
+
+
+def resolve_resource(resource: str, models_dir: Path) -> Path:
+    """Return the on-disk path of ``dist-name:path/in/dist``; assemble it if need be."""
+    dist_name, _, inner = resource.partition(":")
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelFileError(
+            f"package {dist_name!r} is not installed (needed for resource {resource!r}); "
+            f"install it with: pip install {dist_name}"
+        ) from None
+    for file in dist.files or ():
+        if str(file) == inner or (inner and str(file).endswith("/" + inner)):
+            located = Path(str(file.locate()))
+            if located.is_file():
+                return located
+    target = models_dir / ".assembled" / Path(inner).name
+    if target.is_file():
+        return target
+    for module_name in _top_level_modules(dist):
+        module = importlib.import_module(module_name)
+        assemble = getattr(module, "assemble", None)
+        if callable(assemble):
+            with _assemble_lock:
+                if not target.is_file():
+                    logger.info("assembling %s into %s (once)", resource, target)
+                    partial = target.with_suffix(target.suffix + ".partial")
+                    partial.unlink(missing_ok=True)
+                    assemble(partial)
+                    partial.replace(target)
+            return target
+    raise ModelFileError(f"package {dist_name!r} has no file {inner!r}")
+
+
+def safe_model_path(path: Path, models_dir: Path) -> Path:
+    """Resolve ``path`` (relative to ``models_dir`` unless absolute) and refuse escapes.
+
+    The resolved path, symlinks followed, must stay inside ``models_dir``.
+    """
+    base = models_dir.resolve()
+    candidate = path if path.is_absolute() else models_dir / path
+    resolved = candidate.resolve()
+    if not resolved.is_relative_to(base):
+        raise ModelFileError(
+            f"model path {str(path)!r} leads outside the models dir {str(base)!r}",
+            status=403,
+        )
+    if not resolved.is_file():
+        raise ModelFileError(f"model file {str(path)!r} not found in {str(base)!r}", status=404)
+    return resolved

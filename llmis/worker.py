@@ -1,0 +1,203 @@
+"""A worker thread per loaded model, consuming a bounded queue of generation jobs.
+
+Jobs are submitted from the event loop. The worker runs them one at a time on its own thread
+and hands every event back with ``loop.call_soon_threadsafe`` into the job's ``asyncio.Queue``,
+so the event loop never blocks on llama.cpp. Cancelling a queued job removes it from the queue
+at once; cancelling a running job stops it before its next token (or, during a long prompt
+evaluation, through llama.cpp's abort callback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from llmis.engine import Engine, FinishReason, GenerationCancelled, SamplingParams
+from llmis.errors import APIError, ModelUnavailableError, QueueFullError
+
+__all__ = [
+    "Delta",
+    "Failed",
+    "Finished",
+    "Job",
+    "JobEvent",
+    "ModelWorker",
+    "Started",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Started:
+    """The worker picked the job up after ``queue_wait`` seconds."""
+
+    queue_wait: float
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: APIError
+
+
+JobEvent = Started | Delta | Finished | Failed
+
+_job_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation request for one prompt, owned by the event loop that submitted it."""
+
+    prompt: Sequence[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[JobEvent] = field(default_factory=asyncio.Queue)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    enqueued_at: float = field(default_factory=time.monotonic)
+    id: int = field(default_factory=lambda: next(_job_ids))
+    done: bool = False
+
+    def emit(self, event: JobEvent) -> None:
+        """Thread-safe: queue ``event`` for the consumer on the job's event loop."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancel.set()
+
+    async def stream(self, idle_timeout: float | None = None) -> AsyncIterator[JobEvent | None]:
+        """Yield events until the job ends; yield ``None`` after ``idle_timeout`` s of silence."""
+        while True:
+            try:
+                event = await asyncio.wait_for(self.events.get(), idle_timeout)
+            except TimeoutError:
+                yield None
+                continue
+            if isinstance(event, Finished | Failed):
+                self.done = True
+            yield event
+            if self.done:
+                return
+
+
+class ModelWorker:
+    """Owns an :class:`Engine`; runs its jobs one at a time on a dedicated thread."""
+
+    def __init__(self, name: str, engine: Engine, queue_size: int) -> None:
+        self.name = name
+        self.engine = engine
+        self.queue_size = queue_size
+        self._queue: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._running: Job | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=f"llmis-{name}", daemon=True)
+        self._thread.start()
+
+    # ----- event-loop side -----
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        return 0 if self._running is None else 1
+
+    @property
+    def busy(self) -> bool:
+        return self._running is not None or bool(self._queue)
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        """Queue ``jobs`` all together, or none of them when the queue cannot take them all."""
+        with self._cond:
+            if self._closing:
+                raise ModelUnavailableError(f"model '{self.name}' is being unloaded")
+            free = self.queue_size - len(self._queue) + (1 if self._running is None else 0)
+            if len(jobs) > free:
+                raise QueueFullError(self.name, self.queue_size)
+            self._queue.extend(jobs)
+            self._cond.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        """Cancel ``job``: drop it if still queued, stop it at the next token if running."""
+        job.cancel.set()
+        with self._cond:
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                pass
+
+    async def drain(self) -> None:
+        """Wait until no job is queued or running."""
+        while self.busy:
+            await asyncio.sleep(0.02)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop taking jobs, cancel the queued ones, finish the running one, free the model."""
+        with self._cond:
+            self._closing = True
+            dropped = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in dropped:
+            job.cancel.set()
+            job.emit(Failed(_unloading(self.name)))
+        self._thread.join(timeout)
+        self.engine.close()
+
+    # ----- worker-thread side -----
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                job = self._queue.popleft()
+                self._running = job
+            try:
+                self._execute(job)
+            finally:
+                with self._cond:
+                    self._running = None
+                    self._cond.notify_all()
+
+    def _execute(self, job: Job) -> None:
+        if job.cancel.is_set():
+            return
+        job.emit(Started(time.monotonic() - job.enqueued_at))
+        try:
+            for step in self.engine.generate(job.prompt, job.params, job.cancel):
+                if step.text:
+                    job.emit(Delta(step.text))
+                if step.finish_reason is not None:
+                    job.emit(Finished(step.finish_reason, len(job.prompt), step.completion_tokens))
+        except GenerationCancelled:
+            logger.debug("job %s cancelled during prompt evaluation", job.id)
+        except Exception:
+            logger.exception("generation failed in model %s", self.name)
+            job.emit(Failed(APIError("generation failed; see the server log")))
+
+
+def _unloading(name: str) -> APIError:
+    return ModelUnavailableError(f"model '{name}' was unloaded before this request started")
