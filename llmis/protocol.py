@@ -211,9 +211,7 @@ def chat_chunk(
 ) -> dict[str, Any]:
     chunk = {
         **_envelope(id_, "chat.completion.chunk", model, created),
-        "choices": [
-            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        ],
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
     }
     if include_usage:
         chunk["usage"] = None

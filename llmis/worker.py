@@ -10,18 +10,21 @@ evaluation, through llama.cpp's abort callback).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from llmis.engine import Engine, FinishReason, GenerationCancelled, SamplingParams
 from llmis.errors import APIError, ModelUnavailableError, QueueFullError
 
 __all__ = [
+    "CallJob",
     "Delta",
     "Failed",
     "Finished",
@@ -61,6 +64,7 @@ class Failed:
 JobEvent = Started | Delta | Finished | Failed
 
 _job_ids = itertools.count(1)
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -98,6 +102,31 @@ class Job:
                 return
 
 
+@dataclass(eq=False)
+class CallJob:
+    """A blocking call on the model's engine (e.g. an embedding batch), run in queue order."""
+
+    fn: Callable[[Engine], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    enqueued_at: float = field(default_factory=time.monotonic)
+    done: bool = False
+
+    def _settle(self, result: Any, error: BaseException | None) -> None:
+        if self.future.done():
+            return
+        if error is not None:
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(result)
+
+    def settle(self, result: Any = None, error: BaseException | None = None) -> None:
+        """Thread-safe: complete the future on the job's event loop."""
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self._settle, result, error)
+
+
 class ModelWorker:
     """Owns an :class:`Engine`; runs its jobs one at a time on a dedicated thread."""
 
@@ -105,9 +134,9 @@ class ModelWorker:
         self.name = name
         self.engine = engine
         self.queue_size = queue_size
-        self._queue: deque[Job] = deque()
+        self._queue: deque[Job | CallJob] = deque()
         self._cond = threading.Condition()
-        self._running: Job | None = None
+        self._running: Job | CallJob | None = None
         self._closing = False
         self._thread = threading.Thread(target=self._run, name=f"llmis-{name}", daemon=True)
         self._thread.start()
@@ -126,7 +155,22 @@ class ModelWorker:
     def busy(self) -> bool:
         return self._running is not None or bool(self._queue)
 
-    def submit(self, jobs: Sequence[Job]) -> None:
+    async def call(self, fn: Callable[[Engine], T]) -> T:
+        """Run ``fn(engine)`` on the worker thread, queued like any job; await its result.
+
+        Raises :class:`QueueFullError` when the queue is full. If the awaiting task is
+        cancelled, a still-queued call is dropped.
+        """
+        loop = asyncio.get_running_loop()
+        job = CallJob(fn, loop, loop.create_future())
+        self.submit([job])
+        try:
+            result: T = await job.future
+            return result
+        finally:
+            self.cancel(job)
+
+    def submit(self, jobs: Sequence[Job | CallJob]) -> None:
         """Queue ``jobs`` all together, or none of them when the queue cannot take them all."""
         with self._cond:
             if self._closing:
@@ -137,14 +181,11 @@ class ModelWorker:
             self._queue.extend(jobs)
             self._cond.notify_all()
 
-    def cancel(self, job: Job) -> None:
+    def cancel(self, job: Job | CallJob) -> None:
         """Cancel ``job``: drop it if still queued, stop it at the next token if running."""
         job.cancel.set()
-        with self._cond:
-            try:
-                self._queue.remove(job)
-            except ValueError:
-                pass
+        with self._cond, contextlib.suppress(ValueError):
+            self._queue.remove(job)
 
     async def drain(self) -> None:
         """Wait until no job is queued or running."""
@@ -160,7 +201,10 @@ class ModelWorker:
             self._cond.notify_all()
         for job in dropped:
             job.cancel.set()
-            job.emit(Failed(_unloading(self.name)))
+            if isinstance(job, CallJob):
+                job.settle(error=_unloading(self.name))
+            else:
+                job.emit(Failed(_unloading(self.name)))
         self._thread.join(timeout)
         self.engine.close()
 
@@ -182,8 +226,16 @@ class ModelWorker:
                     self._running = None
                     self._cond.notify_all()
 
-    def _execute(self, job: Job) -> None:
+    def _execute(self, job: Job | CallJob) -> None:
         if job.cancel.is_set():
+            return
+        if isinstance(job, CallJob):
+            try:
+                job.settle(job.fn(self.engine))
+            except Exception as exc:
+                if not isinstance(exc, APIError):
+                    logger.exception("call failed in model %s", self.name)
+                job.settle(error=exc)
             return
         job.emit(Started(time.monotonic() - job.enqueued_at))
         try:

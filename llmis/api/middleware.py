@@ -70,7 +70,9 @@ def _http_error(exc: web.HTTPException) -> web.Response:
         message = f"Method not allowed; use {exc.headers.get('Allow', 'another method')}."
     else:
         message = exc.reason
-    type_ = _HTTP_TYPES.get(exc.status, "server_error" if exc.status >= 500 else "invalid_request_error")
+    type_ = _HTTP_TYPES.get(
+        exc.status, "server_error" if exc.status >= 500 else "invalid_request_error"
+    )
     headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
     return web.json_response(error_body(message, type_), status=exc.status, headers=headers)
 

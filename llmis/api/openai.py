@@ -104,12 +104,16 @@ async def _stream_chat(
     sse = EventStream(request)
     try:
         await sse.prepare()
-        await sse.send(chat_chunk(id_, model, created, {"role": "assistant", "content": ""}, None, usage))
+        await sse.send(
+            chat_chunk(id_, model, created, {"role": "assistant", "content": ""}, None, usage)
+        )
         async for event in generation.jobs[0].stream(keepalive):
             if event is None:
                 await sse.ping()
             elif isinstance(event, Delta):
-                await sse.send(chat_chunk(id_, model, created, {"content": event.text}, None, usage))
+                await sse.send(
+                    chat_chunk(id_, model, created, {"content": event.text}, None, usage)
+                )
             elif isinstance(event, Finished):
                 await sse.send(chat_chunk(id_, model, created, {}, event.finish_reason, usage))
                 if usage:
@@ -146,7 +150,9 @@ async def _stream_completion(
                 if event is None:
                     await sse.ping()
                 elif isinstance(event, Delta):
-                    await sse.send(completion_chunk(id_, model, created, index, event.text, None, usage))
+                    await sse.send(
+                        completion_chunk(id_, model, created, index, event.text, None, usage)
+                    )
                 elif isinstance(event, Finished):
                     prompt_tokens += event.prompt_tokens
                     completion_tokens += event.completion_tokens
@@ -157,7 +163,9 @@ async def _stream_completion(
                     await sse.send(event.error.body())
         if usage:
             await sse.send(
-                usage_chunk(id_, "text_completion", model, created, prompt_tokens, completion_tokens)
+                usage_chunk(
+                    id_, "text_completion", model, created, prompt_tokens, completion_tokens
+                )
             )
         await sse.done()
     except ConnectionResetError:
