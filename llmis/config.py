@@ -15,11 +15,20 @@ Unknown keys and bad values raise :class:`ConfigError` naming the key and the fi
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -28,7 +37,12 @@ else:  # pragma: no cover
 
 __all__ = [
     "DEFAULT_CONFIG",
+    "AuthSettings",
     "ConfigError",
+    "CorsSettings",
+    "FilterSettings",
+    "LimitSettings",
+    "LoggingSettings",
     "ModelSettings",
     "ServerSettings",
     "Settings",
@@ -46,6 +60,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_NAME = re.compile(r"[A-Za-z0-9._:@/-]+")
+
+
 class ModelSettings(_Strict):
     """One served model. Exactly one of ``path`` and ``resource`` names its file."""
 
@@ -61,6 +78,16 @@ class ModelSettings(_Strict):
     threads: int | None = Field(default=None, ge=1)
     chat_format: str | None = None
     queue_size: int = Field(default=16, ge=0, le=100_000)
+    slots: int = Field(
+        default=1, ge=1, le=64, description="sequences decoded together; 1 = one job at a time"
+    )
+    embedding: bool = Field(
+        default=False, description="serve /v1/embeddings and /v1/search with this model"
+    )
+    pooling: Literal["mean", "cls", "last"] = Field(
+        default="mean", description="embedding pooling when the GGUF declares none"
+    )
+    pin: bool = Field(default=False, description="never evicted to make room for another model")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSettings:
@@ -75,15 +102,109 @@ class ServerSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     models_dir: Path = Path("models")
+    indexes_dir: Path = Path("indexes")  # `llmis index` writes here, /v1/search reads
     threads: int = Field(default=0, ge=0, description="llama.cpp threads per model; 0 = auto")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     keepalive_seconds: float = Field(default=5.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown_grace_seconds: float = Field(
+        default=30.0, ge=0, description="on SIGTERM, how long requests in flight may finish"
+    )
+    ram_budget: int | str = Field(
+        default="75%", description="RAM for loaded models: bytes, '6GiB', '512MB' or '75%' of RAM"
+    )
+
+    @field_validator("ram_budget")
+    @classmethod
+    def _budget(cls, value: int | str) -> int | str:
+        from llmis.memory import parse_budget
+
+        parse_budget(value)
+        return value
+
+
+class AuthSettings(_Strict):
+    """API keys (``Authorization: Bearer``); none configured = auth off.
+
+    ``LLMIS_API_KEYS`` / ``LLMIS_ADMIN_KEYS`` (comma-separated) add keys from the environment.
+    """
+
+    api_keys: tuple[SecretStr, ...] = ()
+    admin_keys: tuple[SecretStr, ...] = ()
+    open_paths: tuple[str, ...] = ("/healthz", "/health")
+
+
+class LimitSettings(_Strict):
+    """Per-request caps and timeouts, and token-bucket rate limits per key (or client IP)."""
+
+    max_tokens: int | None = Field(default=None, ge=1, description="ceiling on max_tokens")
+    max_prompt_tokens: int | None = Field(default=None, ge=1)
+    request_timeout: float | None = Field(default=None, gt=0, description="whole request, s")
+    idle_timeout: float | None = Field(default=None, gt=0, description="between tokens, s")
+    rate_requests: int | None = Field(default=None, ge=1, description="requests per window")
+    rate_tokens: int | None = Field(default=None, ge=1, description="generated tokens per window")
+    rate_window_seconds: float = Field(default=60.0, gt=0)
+
+
+class FilterSettings(_Strict):
+    """Denylist for prompts and output: keywords (case-insensitive) and regexes; off when empty."""
+
+    keywords: tuple[str, ...] = ()
+    patterns: tuple[str, ...] = ()
+    holdback_chars: int = Field(default=32, ge=0, description="stream lag to catch split matches")
+
+    @field_validator("keywords")
+    @classmethod
+    def _no_empty_keyword(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not k.strip() for k in value):
+            raise ValueError("keywords must not be empty")
+        return value
+
+    @field_validator("patterns")
+    @classmethod
+    def _compiles(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"bad regex {pattern!r}: {exc}") from None
+        return value
+
+
+class CorsSettings(_Strict):
+    """Cross-origin access for browsers; no origins = no CORS headers."""
+
+    allow_origins: tuple[str, ...] = ()
+    allow_credentials: bool = False
+    allow_headers: tuple[str, ...] = ("Authorization", "Content-Type", "X-Request-ID")
+    expose_headers: tuple[str, ...] = ("X-Request-ID", "Retry-After")
+    max_age: int = Field(default=600, ge=0)
+
+    @model_validator(mode="after")
+    def _no_wildcard_with_credentials(self) -> CorsSettings:
+        if "*" in self.allow_origins and self.allow_credentials:
+            raise ValueError("allow_origins '*' cannot be combined with allow_credentials")
+        return self
+
+
+class LoggingSettings(_Strict):
+    format: Literal["auto", "json", "text"] = Field(
+        default="auto", description="auto = text on a terminal, JSON lines otherwise"
+    )
+    access_log: bool = True
 
 
 class Settings(_Strict):
     server: ServerSettings = ServerSettings()
     models: tuple[ModelSettings, ...] = ()
+    aliases: dict[str, str] = Field(
+        default_factory=dict, description="alias -> model name, e.g. chat = 'chat@v1'"
+    )
+    auth: AuthSettings = AuthSettings()
+    limits: LimitSettings = LimitSettings()
+    filter: FilterSettings = FilterSettings()
+    cors: CorsSettings = CorsSettings()
+    logging: LoggingSettings = LoggingSettings()
     source: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
@@ -93,6 +214,11 @@ class Settings(_Strict):
             if model.name in seen:
                 raise ValueError(f"model name {model.name!r} is used twice")
             seen.add(model.name)
+        for alias, target in self.aliases.items():
+            if alias in seen:
+                raise ValueError(f"alias {alias!r} is also a model name")
+            if not _NAME.fullmatch(alias) or not _NAME.fullmatch(target):
+                raise ValueError(f"alias {alias!r} = {target!r}: bad characters in a model name")
         return self
 
     def model(self, name: str) -> ModelSettings | None:

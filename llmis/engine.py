@@ -33,11 +33,14 @@ __all__ = [
     "GenerationCancelled",
     "SamplingParams",
     "Step",
+    "TextStream",
+    "build_sampler",
+    "token_piece",
 ]
 
 logger = logging.getLogger(__name__)
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "content_filter"]
 # Prompt suffixes shorter than this are evaluated without the abort callback: the callback
 # is a Python call per graph node, cheap once but not on every single-token decode.
 ABORT_MIN_TOKENS = 32
@@ -84,6 +87,85 @@ def _stop_holdback(text: str, stops: Sequence[str]) -> int:
     return best
 
 
+def token_piece(vocab: llama_cpp.llama_vocab_p, token: int) -> bytes:
+    """The bytes of ``token`` (special tokens render as empty)."""
+    buf = ctypes.create_string_buffer(64)
+    n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+    return buf.raw[:n]
+
+
+def build_sampler(params: SamplingParams, n_vocab: int) -> _internals.LlamaSampler:
+    """A native llama.cpp sampler chain for ``params`` (the caller closes it)."""
+    sampler = _internals.LlamaSampler()
+    if params.logit_bias:
+        sampler.add_logit_bias(n_vocab, params.logit_bias)
+    if (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (
+        1.0,
+        0.0,
+        0.0,
+    ):
+        sampler.add_penalties(
+            n_vocab=n_vocab,
+            penalty_last_n=64,
+            penalty_repeat=params.repeat_penalty,
+            penalty_freq=params.frequency_penalty,
+            penalty_present=params.presence_penalty,
+        )
+    if params.temperature <= 0:
+        sampler.add_greedy()
+    else:
+        sampler.add_top_k(params.top_k)
+        sampler.add_top_p(params.top_p, 1)
+        sampler.add_min_p(params.min_p, 1)
+        sampler.add_temp(params.temperature)
+        seed = params.seed if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
+        sampler.add_dist(seed & 0xFFFFFFFF)
+    return sampler
+
+
+class TextStream:
+    """Turns one sequence's sampled tokens into :class:`Step` s.
+
+    Decodes UTF-8 incrementally, matches stop strings on the decoded text (holding back any
+    tail that could start one), and ends on end-of-generation or ``max_tokens``.
+    """
+
+    def __init__(self, vocab: llama_cpp.llama_vocab_p, params: SamplingParams) -> None:
+        self._vocab = vocab
+        self._params = params
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._text = ""
+        self._sent = 0
+        self.completion_tokens = 0
+
+    def _finish(self, reason: FinishReason) -> Step:
+        self._text += self._decoder.decode(b"", final=True)
+        return Step(self._text[self._sent :], self.completion_tokens, reason)
+
+    def push(self, token: int) -> Step | None:
+        """Feed one sampled token; return the text it released, if any, or the last step."""
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            return self._finish("stop")
+        self.completion_tokens += 1
+        text = self._text = self._text + self._decoder.decode(token_piece(self._vocab, token))
+        sent, stops = self._sent, self._params.stop
+        if stops:
+            start = max(0, sent - max(len(s) for s in stops))
+            hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+            if hits:
+                return Step(text[sent : min(hits)], self.completion_tokens, "stop")
+        if self.completion_tokens >= self._params.max_tokens:
+            return self._finish("length")
+        end = len(text) - _stop_holdback(text, stops)
+        if end <= sent:
+            return None
+        self._sent = end
+        return Step(text[sent:end], self.completion_tokens)
+
+
 class Engine:
     """A llama.cpp model + context. Not thread-safe: one worker thread drives it."""
 
@@ -112,7 +194,9 @@ class Engine:
             )
         except (ValueError, RuntimeError) as exc:
             raise ModelFileError(f"cannot load {path.name}: {exc}") from None
-        self.n_ctx = self.llm.n_ctx()
+        # llama.cpp may round the context up; llama-cpp-python's token buffers keep the
+        # requested size, so the smaller of the two is what a request can use.
+        self.n_ctx = min(self.llm.n_ctx(), self.llm.context_params.n_ctx)
         self._vocab = self.llm._model.vocab
         self._cancel: threading.Event | None = None
         self._abort_cb = llama_cpp.ggml_abort_callback(self._should_abort)
@@ -189,12 +273,7 @@ class Engine:
         return max_tokens
 
     def token_piece(self, token: int) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        return buf.raw[:n]
+        return token_piece(self._vocab, token)
 
     # ----- generation (worker thread only) -----
 
@@ -218,10 +297,14 @@ class Engine:
                 raise GenerationCancelled from None
             raise
 
-    def _reuse_prefix(self, prompt: Sequence[int]) -> list[int]:
-        """Keep the KV-cache prefix shared with ``prompt``; return the tokens still to evaluate."""
+    def _reuse_prefix(self, prompt: Sequence[int], reuse: bool) -> list[int]:
+        """Keep the KV-cache prefix shared with ``prompt``; return the tokens still to evaluate.
+
+        Without ``reuse`` the whole prompt is evaluated: logits then do not depend on how the
+        previous request split the prompt into batches, so seeded sampling is reproducible.
+        """
         llm = self.llm
-        cached = llm.input_ids[: llm.n_tokens]
+        cached = llm.input_ids[: llm.n_tokens] if reuse else ()
         keep = 0
         for a, b in zip(cached, prompt, strict=False):
             if a != b:
@@ -236,31 +319,7 @@ class Engine:
         return list(prompt[keep:])
 
     def _sampler(self, params: SamplingParams) -> _internals.LlamaSampler:
-        sampler = _internals.LlamaSampler()
-        if params.logit_bias:
-            sampler.add_logit_bias(self.llm.n_vocab(), params.logit_bias)
-        if (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (
-            1.0,
-            0.0,
-            0.0,
-        ):
-            sampler.add_penalties(
-                n_vocab=self.llm.n_vocab(),
-                penalty_last_n=64,
-                penalty_repeat=params.repeat_penalty,
-                penalty_freq=params.frequency_penalty,
-                penalty_present=params.presence_penalty,
-            )
-        if params.temperature <= 0:
-            sampler.add_greedy()
-        else:
-            sampler.add_top_k(params.top_k)
-            sampler.add_top_p(params.top_p, 1)
-            sampler.add_min_p(params.min_p, 1)
-            sampler.add_temp(params.temperature)
-            seed = params.seed if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
-            sampler.add_dist(seed & 0xFFFFFFFF)
-        return sampler
+        return build_sampler(params, self.llm.n_vocab())
 
     def generate(
         self,
@@ -277,34 +336,17 @@ class Engine:
         self._cancel = cancel
         sampler = self._sampler(params)
         try:
-            self._eval(self._reuse_prefix(prompt))
+            self._eval(self._reuse_prefix(prompt, reuse=params.seed is None))
             if on_prompt_done is not None:
                 on_prompt_done()
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            text, sent, n_out = "", 0, 0
-            stops = params.stop
+            out = TextStream(self._vocab, params)
             while not cancel.is_set():
                 token = sampler.sample(self.llm._ctx, -1)
-                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                    text += decoder.decode(b"", final=True)
-                    yield Step(text[sent:], n_out, "stop")
-                    return
-                n_out += 1
-                text += decoder.decode(self.token_piece(token))
-                if stops:
-                    start = max(0, sent - max(len(s) for s in stops))
-                    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-                    if hits:
-                        yield Step(text[sent : min(hits)], n_out, "stop")
+                step = out.push(token)
+                if step is not None:
+                    yield step
+                    if step.finish_reason is not None:
                         return
-                if n_out >= params.max_tokens:
-                    text += decoder.decode(b"", final=True)
-                    yield Step(text[sent:], n_out, "length")
-                    return
-                end = len(text) - _stop_holdback(text, stops)
-                if end > sent:
-                    yield Step(text[sent:end], n_out)
-                    sent = end
                 self._eval([token])
         finally:
             self._cancel = None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmis.request_context import current_request
+
 __all__ = [
     "APIError",
     "BadRequestError",
@@ -23,7 +25,11 @@ __all__ = [
 def error_body(
     message: str, type_: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    error: dict[str, Any] = {"message": message, "type": type_, "param": param, "code": code}
+    request = current_request()
+    if request is not None:
+        error["request_id"] = request.id
+    return {"error": error}
 
 
 class APIError(Exception):

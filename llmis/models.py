@@ -1,29 +1,62 @@
-"""The model catalog: which models are served, their state, and loading them onto workers.
+"""The model catalog and the RAM-budgeted LRU of loaded models.
 
-Each configured model gets an entry. Entries are loaded in the background at startup; a
-request for a model that is still loading waits for that one shared load.
+Catalog: every configured model, then every ``<models_dir>/*.gguf`` under its file stem
+(configured names win). A name ``base@version`` is a version; an alias (``[aliases]`` in the
+config, or implicitly ``base`` -> the first version in catalog order) points at one version
+and is repointed atomically by :meth:`ModelManager.swap`.
+
+Loaded models: each has its own worker and queue. Before a load, the model's memory is
+predicted (:mod:`llmis.memory`); idle, unpinned models are evicted least recently used first
+until it fits the budget, or the load fails with a 503 ``insufficient_memory``. After the load
+the real RSS change is recorded and used from then on. Loads run one at a time (so the RSS
+change belongs to that one model); concurrent requests for a loading model share its load.
+
+Unloading (admin unload, eviction, the old version after a swap) drains the model first: new
+requests wait for the unload and then load it again; leased, running and queued jobs finish.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any, Literal
 
 import psutil
 
+from llmis.batching import BatchWorker
 from llmis.config import ModelSettings, Settings
 from llmis.engine import Engine
-from llmis.errors import APIError, ModelFileError, ModelNotFoundError, ModelUnavailableError
+from llmis.errors import (
+    APIError,
+    BadRequestError,
+    ModelFileError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+)
+from llmis.gguf_info import GGUFInfo, GGUFInfoCache
+from llmis.memory import (
+    predict_memory,
+    process_rss,
+    release_free_heap,
+    resolve_budget,
+)
 from llmis.resources import resolve_resource, safe_model_path
+from llmis.splits import is_continuation_part
 from llmis.worker import ModelWorker
 
-__all__ = ["ModelEntry", "ModelManager", "ModelState"]
+__all__ = ["ModelEntry", "ModelManager", "ModelState", "default_threads"]
 
 logger = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+_STEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]*")
 
 
 class ModelState(str, Enum):
@@ -34,24 +67,90 @@ class ModelState(str, Enum):
     FAILED = "failed"
 
 
+Source = Literal["config", "models_dir", "admin"]
+
+
 @dataclass(eq=False)
 class ModelEntry:
     settings: ModelSettings
+    source: Source = "config"
     state: ModelState = ModelState.AVAILABLE
     worker: ModelWorker | None = None
     load_task: asyncio.Task[ModelWorker] | None = None
+    unload_task: asyncio.Task[None] | None = None
     error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
-    last_used: float = 0.0
+    last_used: float | None = None
     path: Path | None = None
+    info: GGUFInfo | None = None
+    predicted_bytes: int | None = None
+    measured_bytes: int | None = None
+    load_seconds: float | None = None
+    leases: int = 0
+    pinned: bool = False
+    load_evicts: bool = True
+
+    def __post_init__(self) -> None:
+        self.pinned = self.pinned or self.settings.pin
 
     @property
     def name(self) -> str:
         return self.settings.name
 
+    @property
+    def queued(self) -> int:
+        return self.worker.queued if self.worker is not None else 0
+
+    @property
+    def in_flight(self) -> int:
+        return self.worker.running if self.worker is not None else 0
+
+    @property
+    def idle(self) -> bool:
+        """No request holds it and its worker has nothing queued or running."""
+        return self.leases == 0 and (self.worker is None or not self.worker.busy)
+
+    @property
+    def ram_bytes(self) -> int:
+        """The memory it holds (or will hold): measured when known, else predicted."""
+        return self.measured_bytes or self.predicted_bytes or 0
+
+    def metadata(self) -> dict[str, Any]:
+        """GGUF facts for listings (empty before the file was read)."""
+        info = self.info
+        if info is None:
+            return {}
+        return {
+            "architecture": info.architecture,
+            "parameters": info.parameters,
+            "quantization": info.quant,
+            "context_length": info.context_length,
+            "has_chat_template": info.has_chat_template,
+            "chat_format": self.settings.chat_format,
+            "file_size": info.file_size,
+        }
+
+    def openai_object(self, id_: str | None = None) -> dict[str, Any]:
+        """This model as an OpenAI model object, plus its state and GGUF metadata."""
+        body: dict[str, Any] = {
+            "id": id_ or self.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "llmis",
+            "state": self.state.value,
+            **self.metadata(),
+        }
+        if id_ is not None and id_ != self.name:
+            body["alias_of"] = self.name
+        return body
+
 
 def default_threads() -> int:
     return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+
+
+def _mib(n: int) -> str:
+    return f"{n / MiB:.0f} MiB"
 
 
 class ModelManager:
@@ -60,84 +159,426 @@ class ModelManager:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.models_dir = settings.server.models_dir
+        self.budget = resolve_budget(settings.server.ram_budget)
+        self.evictions: dict[str, int] = {}
         self._entries: dict[str, ModelEntry] = {m.name: ModelEntry(m) for m in settings.models}
+        self._aliases: dict[str, str] = dict(settings.aliases)
+        self._infos = GGUFInfoCache()
+        self._load_lock = asyncio.Lock()
+        self._startup: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._add_dir_entries(self._list_dir())
 
-    # ----- queries -----
+    # ----- catalog -----
 
     def entries(self) -> list[ModelEntry]:
         return list(self._entries.values())
 
+    def aliases(self) -> dict[str, str]:
+        """Alias -> the model name it points at now."""
+        return dict(self._aliases)
+
+    def openai_objects(self) -> list[dict[str, Any]]:
+        """Every entry, then every alias whose target exists, as OpenAI model objects."""
+        data = [e.openai_object() for e in self._entries.values()]
+        for alias, target in self._aliases.items():
+            if target in self._entries:
+                data.append(self._entries[target].openai_object(alias))
+        return data
+
+    def resolve(self, name: str) -> str:
+        return self._aliases.get(name, name)
+
     def entry(self, name: str) -> ModelEntry:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise ModelNotFoundError(name) from None
+        """The entry for ``name`` (an alias resolves to its current version).
+
+        A name not in the catalog is looked up as ``<models_dir>/<name>.gguf`` once more, so a
+        file dropped in since the last scan is found.
+        """
+        target = self.resolve(name)
+        entry = self._entries.get(target)
+        dropped = self.models_dir / f"{target}.gguf"
+        if (
+            entry is None
+            and _STEM.fullmatch(target)
+            and dropped.is_file()
+            and not is_continuation_part(dropped)  # parts 2..N load through part 1
+        ):
+            self._add_dir_entries([dropped])
+            entry = self._entries.get(self.resolve(name))
+        if entry is None:
+            raise ModelNotFoundError(name)
+        return entry
 
     @property
     def ready(self) -> bool:
-        """True once no configured model is still loading."""
-        return all(e.state is not ModelState.LOADING for e in self._entries.values())
+        """True once the startup loads are done; lazy loads later do not change it."""
+        return self._startup is None or self._startup.done()
+
+    def _list_dir(self) -> list[Path]:
+        try:
+            found = self.models_dir.glob("*.gguf")
+            return sorted(p for p in found if p.is_file() and not is_continuation_part(p))
+        except OSError:
+            return []
+
+    def _add_dir_entries(self, paths: list[Path]) -> None:
+        for path in paths:
+            name = path.stem
+            if name in self._entries or name in self._aliases:
+                continue
+            if not _STEM.fullmatch(name):
+                logger.warning("ignoring %s: its name is not a valid model name", path.name)
+                continue
+            model = ModelSettings(name=name, path=Path(path.name))
+            self._entries[name] = ModelEntry(model, source="models_dir")
+        for name in self._entries:
+            base, at, _ = name.partition("@")
+            if at and base and base not in self._entries and base not in self._aliases:
+                self._aliases[base] = name
+
+    async def refresh(self) -> None:
+        """Rescan the models dir and read the GGUF metadata of entries not read yet."""
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(None, self._list_dir)
+        self._add_dir_entries(found)
+        names = {p.stem for p in found}
+        for entry in list(self._entries.values()):
+            if (
+                entry.source == "models_dir"
+                and entry.name not in names
+                and entry.state in (ModelState.AVAILABLE, ModelState.FAILED)
+            ):
+                del self._entries[entry.name]
+        todo = [
+            e
+            for e in self._entries.values()
+            if e.info is None and e.state is not ModelState.LOADING and e.settings.path is not None
+        ]
+        for entry in todo:
+            try:
+                path = await loop.run_in_executor(None, self.resolve_path, entry.settings)
+                entry.info = await loop.run_in_executor(None, self._infos.get, path)
+                entry.path = path
+            except APIError as exc:
+                entry.error = exc.message
 
     # ----- lifecycle -----
 
     async def start(self) -> None:
-        """Begin loading every configured model in the background."""
-        for entry in self._entries.values():
-            self._start_load(entry)
+        """Read the catalog, then load the configured models in the background, in order,
+        while they fit the budget (startup loads never evict each other)."""
+        await self.refresh()
+        self._startup = asyncio.get_running_loop().create_task(self._preload())
+
+    async def _preload(self) -> None:
+        for entry in list(self._entries.values()):
+            if entry.source != "config" or entry.state is not ModelState.AVAILABLE:
+                continue
+            task = self._start_load(entry, evict=False)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
+        tasks: list[asyncio.Task[Any]] = [*self._background]
+        if self._startup is not None:
+            tasks.append(self._startup)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for entry in self._entries.values():
-            if entry.load_task is not None and not entry.load_task.done():
-                await asyncio.gather(entry.load_task, return_exceptions=True)
+            for pending in (entry.load_task, entry.unload_task):
+                if pending is not None and not pending.done():
+                    await asyncio.gather(pending, return_exceptions=True)
             if entry.worker is not None:
                 worker, entry.worker = entry.worker, None
                 await loop.run_in_executor(None, worker.close)
                 entry.state = ModelState.AVAILABLE
 
-    async def acquire(self, name: str) -> ModelWorker:
-        """Return the worker of model ``name``, loading it first if need be."""
-        entry = self.entry(name)
-        entry.last_used = time.time()
-        if entry.worker is not None and entry.state is ModelState.LOADED:
-            return entry.worker
-        task = entry.load_task if entry.state is ModelState.LOADING else None
-        if task is None:
-            task = self._start_load(entry)
-        try:
-            return await asyncio.shield(task)
-        except APIError:
-            raise
-        except Exception as exc:
-            raise ModelUnavailableError(f"model '{name}' failed to load: {exc}") from None
+    # ----- getting a worker -----
 
-    def _start_load(self, entry: ModelEntry) -> asyncio.Task[ModelWorker]:
+    async def acquire(self, name: str) -> ModelWorker:
+        """Return the worker of model ``name``, loading it first if need be.
+
+        Prefer :meth:`lease`: a worker returned here is not protected from eviction until a
+        job is queued on it.
+        """
+        return await self._ready_worker(self.entry(name))
+
+    @contextlib.asynccontextmanager
+    async def lease(self, name: str) -> AsyncIterator[ModelWorker]:
+        """The worker of ``name`` (loaded if need be), never evicted or unloaded while held.
+
+        Hold it from picking the model until the request's jobs are queued; queued and running
+        jobs protect the model from then on.
+        """
+        entry = self.entry(name)
+        worker = await self._ready_worker(entry)
+        entry.leases += 1  # no await since the worker was checked: it is still loaded
+        try:
+            yield worker
+        finally:
+            entry.leases -= 1
+
+    async def _ready_worker(self, entry: ModelEntry) -> ModelWorker:
+        while True:
+            entry.last_used = time.time()
+            if entry.state is ModelState.LOADED and entry.worker is not None:
+                return entry.worker
+            if entry.state is ModelState.UNLOADING and entry.unload_task is not None:
+                await asyncio.shield(entry.unload_task)
+                continue
+            task = entry.load_task if entry.state is ModelState.LOADING else None
+            if task is None:
+                task = self._start_load(entry, evict=True)
+            try:
+                await asyncio.shield(task)
+            except APIError as exc:
+                if exc.code == "insufficient_memory" and not entry.load_evicts:
+                    continue  # a startup load, which never evicts: try again, evicting
+                raise
+            except Exception as exc:
+                raise ModelUnavailableError(f"model '{entry.name}' failed to load: {exc}") from None
+
+    def _start_load(self, entry: ModelEntry, *, evict: bool) -> asyncio.Task[ModelWorker]:
         entry.state = ModelState.LOADING
         entry.error = None
-        task = asyncio.get_running_loop().create_task(self._load(entry))
+        entry.load_evicts = evict
+        task = asyncio.get_running_loop().create_task(self._load(entry, evict))
         entry.load_task = task
         return task
 
-    async def _load(self, entry: ModelEntry) -> ModelWorker:
+    async def _load(self, entry: ModelEntry, evict: bool) -> ModelWorker:
         loop = asyncio.get_running_loop()
-        started = time.monotonic()
-        try:
-            worker = await loop.run_in_executor(None, self._load_blocking, entry.settings)
-        except Exception as exc:
-            entry.state = ModelState.FAILED
-            entry.error = str(exc)
-            logger.error("model %s failed to load: %s", entry.name, exc)
-            raise
+        async with self._load_lock:
+            try:
+                path = await loop.run_in_executor(None, self.resolve_path, entry.settings)
+                info = await loop.run_in_executor(None, self._infos.get, path)
+                entry.path, entry.info = path, info
+                model = self._effective_settings(entry, info)
+                prediction = predict_memory(info, model.n_ctx, model.n_batch, model.slots)
+                entry.predicted_bytes = prediction.total
+                await self._make_room(entry, entry.measured_bytes or prediction.total, evict)
+                started = time.monotonic()
+                release_free_heap()
+                before = process_rss()
+                worker = await loop.run_in_executor(None, self._load_blocking, model, path)
+                entry.measured_bytes = max(process_rss() - before, 0)
+                entry.load_seconds = time.monotonic() - started
+            except Exception as exc:
+                fits_later = isinstance(exc, APIError) and exc.code == "insufficient_memory"
+                entry.state = ModelState.AVAILABLE if fits_later else ModelState.FAILED
+                entry.error = exc.message if isinstance(exc, APIError) else str(exc)
+                logger.error("model %s was not loaded: %s", entry.name, entry.error)
+                raise
         entry.worker = worker
-        entry.path = worker.engine.path
         entry.state = ModelState.LOADED
+        entry.last_used = time.time()
         logger.info(
-            "model %s loaded from %s in %.2fs",
+            "model %s loaded from %s in %.2fs: predicted %s, measured %s",
             entry.name,
-            worker.engine.path,
-            time.monotonic() - started,
+            path,
+            entry.load_seconds,
+            _mib(prediction.total),
+            _mib(entry.measured_bytes),
         )
         return worker
+
+    def _effective_settings(self, entry: ModelEntry, info: GGUFInfo) -> ModelSettings:
+        """A models-dir file gets its own context length when that is below the default."""
+        model = entry.settings
+        if entry.source == "models_dir" and info.context_length:
+            return model.model_copy(update={"n_ctx": min(model.n_ctx, info.context_length)})
+        return model
+
+    # ----- memory -----
+
+    def used_bytes(self, exclude: ModelEntry | None = None) -> int:
+        """RAM held by loaded (and unloading) models, measured where known."""
+        held = (ModelState.LOADED, ModelState.UNLOADING)
+        return sum(
+            e.ram_bytes for e in self._entries.values() if e is not exclude and e.state in held
+        )
+
+    def _victim(self, exclude: ModelEntry) -> ModelEntry | None:
+        candidates = [
+            e
+            for e in self._entries.values()
+            if e is not exclude and e.state is ModelState.LOADED and not e.pinned and e.idle
+        ]
+        return min(candidates, key=lambda e: e.last_used or 0.0, default=None)
+
+    async def _make_room(self, entry: ModelEntry, need: int, evict: bool) -> None:
+        while True:
+            used = self.used_bytes(entry)
+            available = psutil.virtual_memory().available
+            if used + need <= self.budget and need <= available:
+                return
+            draining = [
+                e.unload_task
+                for e in self._entries.values()
+                if e.state is ModelState.UNLOADING and e.unload_task is not None
+            ]
+            if draining:
+                await asyncio.wait(draining)
+                continue
+            victim = self._victim(entry) if evict else None
+            if victim is None:
+                raise self._no_room(entry, need, used, available, evict)
+            logger.info(
+                "evicting %s (%s, last used %.0fs ago) to load %s",
+                victim.name,
+                _mib(victim.ram_bytes),
+                time.time() - (victim.last_used or 0.0),
+                entry.name,
+            )
+            self.evictions[victim.name] = self.evictions.get(victim.name, 0) + 1
+            await self._begin_unload(victim)
+
+    def _no_room(
+        self, entry: ModelEntry, need: int, used: int, available: int, evict: bool
+    ) -> APIError:
+        kind = "measured" if entry.measured_bytes else "predicted"
+        held = [
+            f"{e.name} ({_mib(e.ram_bytes)}, {'pinned' if e.pinned else 'busy'})"
+            for e in self._entries.values()
+            if e is not entry and e.state is ModelState.LOADED
+        ]
+        if need > available:
+            why = f"only {_mib(available)} of system memory is available"
+        elif need > self.budget:
+            why = "the model alone is larger than the budget"
+        elif not evict:
+            why = f"{_mib(used)} is held by models loaded before it (startup loads never evict)"
+        else:
+            why = f"{_mib(used)} is held by models that cannot be evicted now: " + ", ".join(held)
+        return ModelUnavailableError(
+            f"Not enough memory to load model '{entry.name}': it needs {_mib(need)} ({kind}) "
+            f"and the RAM budget is {_mib(self.budget)}; {why}. Retry later, unload a model "
+            "(POST /admin/models/unload) or raise [server] ram_budget.",
+            param="model",
+            code="insufficient_memory",
+            headers={"Retry-After": "5"},
+        )
+
+    # ----- unloading -----
+
+    def _begin_unload(self, entry: ModelEntry) -> asyncio.Task[None]:
+        if entry.unload_task is not None and not entry.unload_task.done():
+            return entry.unload_task
+        entry.state = ModelState.UNLOADING
+        task = asyncio.get_running_loop().create_task(self._drain_and_close(entry))
+        entry.unload_task = task
+        return task
+
+    async def _drain_and_close(self, entry: ModelEntry) -> None:
+        while not entry.idle:
+            await asyncio.sleep(0.02)
+        worker, entry.worker = entry.worker, None
+        try:
+            if worker is not None:
+                await asyncio.get_running_loop().run_in_executor(None, worker.close)
+                release_free_heap()
+        finally:
+            entry.state = ModelState.AVAILABLE
+            entry.unload_task = None
+        logger.info("model %s unloaded", entry.name)
+
+    async def unload(self, name: str) -> ModelEntry:
+        """Drain model ``name`` (its leased, running and queued jobs finish), then free it."""
+        entry = self._entries.get(name) or self.entry(name)
+        if entry.state is ModelState.LOADING and entry.load_task is not None:
+            await asyncio.gather(asyncio.shield(entry.load_task), return_exceptions=True)
+        if entry.state in (ModelState.LOADED, ModelState.UNLOADING):
+            await asyncio.shield(self._begin_unload(entry))
+        return entry
+
+    # ----- admin: explicit loads and version swaps -----
+
+    async def load(
+        self,
+        name: str,
+        *,
+        path: Path | None = None,
+        n_ctx: int | None = None,
+        n_gpu_layers: int | None = None,
+        pin: bool | None = None,
+    ) -> ModelEntry:
+        """Load ``name`` now; with ``path``, (re)define it as that file in the models dir."""
+        entry = self._entries.get(name)
+        update: dict[str, Any] = {}
+        if n_ctx is not None:
+            update["n_ctx"] = n_ctx
+        if n_gpu_layers is not None:
+            update["n_gpu_layers"] = n_gpu_layers
+        if path is not None:
+            loop = asyncio.get_running_loop()
+            resolved = await loop.run_in_executor(None, safe_model_path, path, self.models_dir)
+            await loop.run_in_executor(None, self._infos.get, resolved)  # 400 if not GGUF
+            update.update(path=resolved, resource=None)
+        if entry is None and path is None:
+            entry = self.entry(name)
+        if entry is not None and update:
+            changed = {k: v for k, v in update.items() if getattr(entry.settings, k) != v}
+            if changed and entry.state in (ModelState.LOADED, ModelState.LOADING):
+                raise APIError(
+                    f"model '{name}' is loaded with other settings "
+                    f"({', '.join(sorted(changed))}); unload it first",
+                    param="name",
+                    code="model_loaded",
+                    status=409,
+                )
+        if entry is None:
+            settings = ModelSettings.model_validate({"name": name, "path": update["path"]})
+            entry = ModelEntry(settings.model_copy(update=update), source="admin")
+            self._entries[name] = entry
+        elif update and entry.state not in (ModelState.LOADED, ModelState.LOADING):
+            entry.settings = entry.settings.model_copy(update=update)
+            entry.info = entry.path = entry.measured_bytes = None
+        if pin is not None:
+            entry.pinned = pin
+        await self._ready_worker(entry)
+        return entry
+
+    def _version(self, alias: str, to: str) -> ModelEntry:
+        for candidate in (f"{alias}@{to}", to):
+            with contextlib.suppress(ModelNotFoundError):
+                return self.entry(candidate)
+        raise ModelNotFoundError(to)
+
+    async def swap(self, alias: str, to: str) -> tuple[str | None, ModelEntry]:
+        """Load version ``to`` of ``alias``, then repoint the alias in one step.
+
+        Requests already holding the old version finish there; the old version is unloaded
+        in the background once drained (unless pinned or still the target of another alias).
+        Returns the old target and the new entry.
+        """
+        if alias in self._entries:
+            raise BadRequestError(
+                f"'{alias}' is a model, not an alias", param="alias", code="not_an_alias"
+            )
+        target = self._version(alias, to)
+        await self._ready_worker(target)
+        old = self._aliases.get(alias)
+        self._aliases[alias] = target.name  # the atomic step: no await since the load
+        logger.info("alias %s: %s -> %s", alias, old, target.name)
+        retired = self._entries.get(old) if old is not None and old != target.name else None
+        if (
+            retired is not None
+            and not retired.pinned
+            and retired.name not in self._aliases.values()
+            and retired.state is ModelState.LOADED
+        ):
+            task = asyncio.get_running_loop().create_task(self._retire(retired))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return old, target
+
+    async def _retire(self, entry: ModelEntry) -> None:
+        await asyncio.shield(self._begin_unload(entry))
+
+    # ----- blocking work (executor threads) -----
 
     def resolve_path(self, model: ModelSettings) -> Path:
         if model.resource is not None:
@@ -146,14 +587,21 @@ class ModelManager:
             raise ModelFileError(f"model '{model.name}' names no file")
         return safe_model_path(model.path, self.models_dir)
 
-    def _load_blocking(self, model: ModelSettings) -> ModelWorker:
+    def _load_blocking(self, model: ModelSettings, path: Path) -> ModelWorker:
         threads = model.threads or self.settings.server.threads or default_threads()
         engine = Engine(
-            self.resolve_path(model),
+            path,
             n_ctx=model.n_ctx,
             n_batch=model.n_batch,
             n_gpu_layers=model.n_gpu_layers,
             threads=threads,
             chat_format=model.chat_format,
+            embedding=model.embedding,
         )
+        return self._make_worker(model, engine)
+
+    def _make_worker(self, model: ModelSettings, engine: Engine) -> ModelWorker:
+        """The one place a model's worker is built."""
+        if model.slots > 1:
+            return BatchWorker(model.name, engine, model.queue_size, model.slots)
         return ModelWorker(model.name, engine, model.queue_size)

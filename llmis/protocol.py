@@ -20,6 +20,7 @@ __all__ = [
     "ChatMessage",
     "CompletionRequest",
     "StreamOptions",
+    "as_batch",
     "chat_chunk",
     "chat_response",
     "completion_chunk",
@@ -145,12 +146,16 @@ class CompletionRequest(_SamplingRequest):
 
     def prompts(self) -> list[str | list[int]]:
         """The batch: one entry (text or token ids) per choice."""
-        prompt = self.prompt
-        if isinstance(prompt, str):
-            return [prompt]
-        if all(isinstance(p, int) for p in prompt):
-            return [[int(p) for p in prompt]]  # type: ignore[arg-type]
-        return list(prompt)  # type: ignore[arg-type]
+        return as_batch(self.prompt)
+
+
+def as_batch(value: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """OpenAI's text-or-tokens input (``prompt``, embeddings ``input``) as a list of items."""
+    if isinstance(value, str):
+        return [value]
+    if all(isinstance(v, int) for v in value):
+        return [[int(v) for v in value]]  # type: ignore[arg-type]
+    return list(value)  # type: ignore[arg-type]
 
 
 # ----- responses (plain dicts: they are built per token on the hot path) -----
@@ -160,11 +165,12 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -186,6 +192,7 @@ def chat_response(
     finish_reason: FinishReason,
     prompt_tokens: int,
     completion_tokens: int,
+    cached_tokens: int = 0,
 ) -> dict[str, Any]:
     return {
         **_envelope(id_, "chat.completion", model, created),
@@ -197,7 +204,7 @@ def chat_response(
                 "finish_reason": finish_reason,
             }
         ],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }
 
 
@@ -225,6 +232,7 @@ def completion_response(
     choices: list[tuple[str, FinishReason]],
     prompt_tokens: int,
     completion_tokens: int,
+    cached_tokens: int = 0,
 ) -> dict[str, Any]:
     return {
         **_envelope(id_, "text_completion", model, created),
@@ -232,7 +240,7 @@ def completion_response(
             {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
             for i, (text, reason) in enumerate(choices)
         ],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }
 
 
@@ -257,12 +265,18 @@ def completion_chunk(
 
 
 def usage_chunk(
-    id_: str, obj: str, model: str, created: int, prompt_tokens: int, completion_tokens: int
+    id_: str,
+    obj: str,
+    model: str,
+    created: int,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int = 0,
 ) -> dict[str, Any]:
     return {
         **_envelope(id_, obj, model, created),
         "choices": [],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }
 
 

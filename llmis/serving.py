@@ -8,30 +8,48 @@ queued, and a batch of prompts is queued all at once or not at all.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from llmis.engine import FinishReason
 from llmis.errors import APIError, BadRequestError
 from llmis.models import ModelManager
+from llmis.oversight import Guard
 from llmis.protocol import ChatCompletionRequest, CompletionRequest
-from llmis.worker import Delta, Failed, Finished, Job, ModelWorker
+from llmis.worker import Delta, Failed, Finished, Job, JobEvent, ModelWorker
 
-__all__ = ["Generation", "Result", "collect", "start_chat", "start_completion"]
+__all__ = ["Generation", "Result", "start_chat", "start_completion"]
 
 
 @dataclass(frozen=True)
 class Generation:
-    """Jobs queued on one worker for one request; ``cancel()`` is safe to call any time."""
+    """Jobs queued on one worker for one request; ``cancel()`` is safe to call any time.
+
+    Read a job's events through :meth:`events` (or :meth:`collect`): the guard applies
+    the timeouts, the output content filter and the metrics there.
+    """
 
     model: str
     worker: ModelWorker
     jobs: Sequence[Job]
+    guard: Guard | None = None
 
     def cancel(self) -> None:
         for job in self.jobs:
             if not job.done:
                 self.worker.cancel(job)
+                if self.guard is not None:
+                    self.guard.cancelled(job)
+
+    def events(self, job: Job, keepalive: float | None = None) -> AsyncIterator[JobEvent | None]:
+        """``job``'s events; ``None`` after ``keepalive`` s of silence (send a ping)."""
+        if self.guard is None:
+            return job.stream(keepalive)
+        return self.guard.events(job, self.worker.cancel, keepalive)
+
+    async def collect(self, job: Job) -> Result:
+        """Wait for ``job`` to finish and return its whole text."""
+        return await _collect(self.events(job))
 
 
 @dataclass(frozen=True)
@@ -40,22 +58,38 @@ class Result:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
 
 async def start_chat(manager: ModelManager, request: ChatCompletionRequest) -> Generation:
-    worker = await manager.acquire(request.model)
-    engine = worker.engine
+    guard = Guard.current(manager.settings, request.model)
     messages = [m.as_template_message() for m in request.messages]
-    loop = asyncio.get_running_loop()
-    prompt = await loop.run_in_executor(None, engine.chat_prompt, messages)
-    max_tokens = engine.check_context(len(prompt), request.token_limit, "messages")
-    job = Job(prompt, request.sampling(max_tokens), loop)
-    worker.submit([job])
-    return Generation(request.model, worker, [job])
+    guard.check_prompt_text((m["content"] for m in messages), "messages")
+    # The lease keeps the model from being evicted or unloaded until the job is queued.
+    async with manager.lease(request.model) as worker:
+        guard.admitted()
+        engine = worker.engine
+        loop = asyncio.get_running_loop()
+        prompt = await loop.run_in_executor(None, engine.chat_prompt, messages)
+        limit = guard.max_tokens(len(prompt), request.token_limit, "messages")
+        max_tokens = guard.clamp(engine.check_context(len(prompt), limit, "messages"), limit)
+        job = Job(prompt, request.sampling(max_tokens), loop)
+        worker.submit([job])
+    # worker.name is the model actually serving: an alias reports its current version.
+    return Generation(worker.name, worker, [job], guard)
 
 
 async def start_completion(manager: ModelManager, request: CompletionRequest) -> Generation:
-    worker = await manager.acquire(request.model)
+    guard = Guard.current(manager.settings, request.model)
+    guard.check_prompt_text((p for p in request.prompts() if isinstance(p, str)), "prompt")
+    async with manager.lease(request.model) as worker:
+        guard.admitted()
+        return await _submit_completion(worker, request, guard)
+
+
+async def _submit_completion(
+    worker: ModelWorker, request: CompletionRequest, guard: Guard
+) -> Generation:
     engine = worker.engine
     loop = asyncio.get_running_loop()
     n_vocab = engine.llm.n_vocab()
@@ -74,23 +108,27 @@ async def start_completion(manager: ModelManager, request: CompletionRequest) ->
         return out
 
     prompts = await loop.run_in_executor(None, tokenize_all)
-    jobs = [
-        Job(p, request.sampling(engine.check_context(len(p), request.max_tokens, "prompt")), loop)
-        for p in prompts
-    ]
+    jobs = []
+    for p in prompts:
+        limit = guard.max_tokens(len(p), request.max_tokens, "prompt")
+        max_tokens = guard.clamp(engine.check_context(len(p), limit, "prompt"), limit)
+        jobs.append(Job(p, request.sampling(max_tokens), loop))
     worker.submit(jobs)
-    return Generation(request.model, worker, jobs)
+    return Generation(worker.name, worker, jobs, guard)
 
 
-async def collect(job: Job) -> Result:
-    """Wait for ``job`` to finish and return its whole text."""
+async def _collect(events: AsyncIterator[JobEvent | None]) -> Result:
     parts: list[str] = []
-    async for event in job.stream():
+    async for event in events:
         if isinstance(event, Delta):
             parts.append(event.text)
         elif isinstance(event, Finished):
             return Result(
-                "".join(parts), event.finish_reason, event.prompt_tokens, event.completion_tokens
+                "".join(parts),
+                event.finish_reason,
+                event.prompt_tokens,
+                event.completion_tokens,
+                event.cached_tokens,
             )
         elif isinstance(event, Failed):
             raise event.error

@@ -54,6 +54,7 @@ class Finished:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens reused from the KV cache, not evaluated again
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,15 @@ class ModelWorker:
             else:
                 job.emit(Failed(_unloading(self.name)))
         self._thread.join(timeout)
+        if self._thread.is_alive():  # the running job outlived the grace: stop it
+            running = self._running
+            if running is not None:
+                running.cancel.set()
+            self._thread.join(5.0)
+        if self._thread.is_alive():
+            # Never free a model a thread still uses: leaking it beats a segfault.
+            logger.error("worker %s did not stop; its model is not freed", self.name)
+            return
         self.engine.close()
 
     # ----- worker-thread side -----

@@ -158,3 +158,55 @@ def start_server(
 @pytest.fixture(scope="session")
 def server(start_server: Callable[..., RunningServer]) -> RunningServer:
     return start_server(smollm_config())
+
+
+OPS_USER_KEY, OPS_ADMIN_KEY, OPS_ENV_KEY = "user-key-1", "admin-key-1", "env-key-1"
+
+
+@pytest.fixture(scope="session")
+def ops_server(start_server: Callable[..., RunningServer]) -> RunningServer:
+    """SmolLM2 with the operations features on: API keys, JSON logs, caps, filter, CORS."""
+    extra = f"""
+[logging]
+format = "json"
+
+[auth]
+api_keys = ["{OPS_USER_KEY}"]
+admin_keys = ["{OPS_ADMIN_KEY}"]
+
+[limits]
+max_tokens = 64
+max_prompt_tokens = 200
+
+[filter]
+keywords = ["Nation", "forbiddenword"]
+patterns = ['secret-\\d+']
+
+[cors]
+allow_origins = ["http://app.example"]
+allow_credentials = true
+"""
+    return start_server(smollm_config(extra_server=extra), env={"LLMIS_API_KEYS": OPS_ENV_KEY})
+
+
+@pytest.fixture(scope="session")
+def gemma_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Gemma-3-270M (it ships in chunks), assembled once per test session."""
+    from llmis.resources import resolve_resource
+
+    return resolve_resource(GEMMA_RESOURCE, tmp_path_factory.mktemp("gemma-cache"))
+
+
+def models_dir_with_gemma(models_dir: Path, gemma: Path) -> Path:
+    """Make ``models_dir`` resolve ``GEMMA_RESOURCE`` without assembling it again:
+    the assembled file is hard-linked (or copied) into ``<models_dir>/.assembled/``."""
+    target = models_dir / ".assembled" / gemma.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        try:
+            os.link(gemma, target)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(gemma, target)
+    return models_dir

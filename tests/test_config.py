@@ -36,7 +36,8 @@ def test_loads_typed_settings_and_overrides(tmp_path: Path) -> None:
 
 def test_repo_default_config_is_valid() -> None:
     settings = load_settings(Path(__file__).parent.parent / "config" / "llmis.toml")
-    assert [m.name for m in settings.models] == ["smollm2-135m-instruct"]
+    assert settings.models[0].name == "smollm2-135m-instruct"
+    assert [m.name for m in settings.models if m.embedding] == ["all-minilm-l6-v2"]
 
 
 @pytest.mark.parametrize(

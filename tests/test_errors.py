@@ -68,6 +68,7 @@ async def test_bad_chat_requests(
     assert got == status, body
     error = assert_error_shape(body)
     assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
     if code is not None:
         assert error["code"] == code
 
@@ -108,7 +109,9 @@ async def test_wrong_method_unknown_route_and_large_body(server: RunningServer) 
     huge = chat(messages=[{"role": "user", "content": "x" * 100_000}])
     status, body, _ = await call(server, "POST", CHAT, huge)
     assert status == 413
-    assert "65536" in assert_error_shape(body)["message"]
+    error = assert_error_shape(body)
+    assert "65536" in error["message"]
+    assert error["type"] == "invalid_request_error"
 
 
 async def test_server_still_serves_after_bad_input(server: RunningServer) -> None:

@@ -9,7 +9,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
-from llmis.errors import APIError, error_body
+from llmis.errors import APIError, BadRequestError, error_body
 from llmis.state import SETTINGS
 
 __all__ = ["error_middleware", "read_json", "validation_error"]
@@ -34,7 +34,7 @@ def validation_error(exc: ValidationError) -> APIError:
     message = first["msg"].removeprefix("Value error, ")
     if len(exc.errors()) > 1:
         message += f" (and {len(exc.errors()) - 1} more problems)"
-    return APIError(
+    return BadRequestError(
         f"{param}: {message}" if param else message,
         param=param,
         status=400,
@@ -47,7 +47,7 @@ async def read_json(request: web.Request) -> object:
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise APIError(
+        raise BadRequestError(
             f"The request body is larger than the limit of "
             f"{request.app[SETTINGS].server.max_body_bytes} bytes.",
             status=413,
@@ -56,7 +56,7 @@ async def read_json(request: web.Request) -> object:
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(
+        raise BadRequestError(
             f"We could not parse the JSON body of your request: {exc}",
             status=400,
             code="invalid_json",

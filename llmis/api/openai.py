@@ -16,7 +16,7 @@ from llmis.protocol import (
     now,
     usage_chunk,
 )
-from llmis.serving import Generation, collect, start_chat, start_completion
+from llmis.serving import Generation, start_chat, start_completion
 from llmis.sse import EventStream
 from llmis.state import MANAGER, SETTINGS
 from llmis.worker import Delta, Failed, Finished
@@ -28,26 +28,17 @@ routes = web.RouteTableDef()
 
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
+    """Every model and alias, with its state and GGUF metadata as extra fields."""
     manager = request.app[MANAGER]
-    data = [
-        {
-            "id": entry.name,
-            "object": "model",
-            "created": entry.created,
-            "owned_by": "llmis",
-            "state": entry.state.value,
-        }
-        for entry in manager.entries()
-    ]
-    return web.json_response({"object": "list", "data": data})
+    await manager.refresh()
+    return web.json_response({"object": "list", "data": manager.openai_objects()})
 
 
 @routes.get("/v1/models/{name:.+}")
 async def get_model(request: web.Request) -> web.Response:
-    entry = request.app[MANAGER].entry(request.match_info["name"])
-    return web.json_response(
-        {"id": entry.name, "object": "model", "created": entry.created, "owned_by": "llmis"}
-    )
+    name = request.match_info["name"]
+    entry = request.app[MANAGER].entry(name)
+    return web.json_response(entry.openai_object(name))
 
 
 @routes.post("/v1/chat/completions")
@@ -57,16 +48,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         if req.stream:
             return await _stream_chat(request, req, generation)
-        result = await collect(generation.jobs[0])
+        result = await generation.collect(generation.jobs[0])
         return web.json_response(
             chat_response(
                 new_id("chatcmpl"),
-                req.model,
+                generation.model,
                 now(),
                 result.text,
                 result.finish_reason,
                 result.prompt_tokens,
                 result.completion_tokens,
+                result.cached_tokens,
             )
         )
     finally:
@@ -80,15 +72,16 @@ async def completions(request: web.Request) -> web.StreamResponse:
     try:
         if req.stream:
             return await _stream_completion(request, req, generation)
-        results = [await collect(job) for job in generation.jobs]
+        results = [await generation.collect(job) for job in generation.jobs]
         return web.json_response(
             completion_response(
                 new_id("cmpl"),
-                req.model,
+                generation.model,
                 now(),
                 [(r.text, r.finish_reason) for r in results],
                 sum(r.prompt_tokens for r in results),
                 sum(r.completion_tokens for r in results),
+                sum(r.cached_tokens for r in results),
             )
         )
     finally:
@@ -98,7 +91,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def _stream_chat(
     request: web.Request, req: ChatCompletionRequest, generation: Generation
 ) -> web.StreamResponse:
-    id_, created, model = new_id("chatcmpl"), now(), req.model
+    id_, created, model = new_id("chatcmpl"), now(), generation.model
     usage = req.include_usage
     keepalive = request.app[SETTINGS].server.keepalive_seconds
     sse = EventStream(request)
@@ -107,7 +100,7 @@ async def _stream_chat(
         await sse.send(
             chat_chunk(id_, model, created, {"role": "assistant", "content": ""}, None, usage)
         )
-        async for event in generation.jobs[0].stream(keepalive):
+        async for event in generation.events(generation.jobs[0], keepalive):
             if event is None:
                 await sse.ping()
             elif isinstance(event, Delta):
@@ -125,6 +118,7 @@ async def _stream_chat(
                             created,
                             event.prompt_tokens,
                             event.completion_tokens,
+                            event.cached_tokens,
                         )
                     )
             elif isinstance(event, Failed):
@@ -138,15 +132,15 @@ async def _stream_chat(
 async def _stream_completion(
     request: web.Request, req: CompletionRequest, generation: Generation
 ) -> web.StreamResponse:
-    id_, created, model = new_id("cmpl"), now(), req.model
+    id_, created, model = new_id("cmpl"), now(), generation.model
     usage = req.include_usage
     keepalive = request.app[SETTINGS].server.keepalive_seconds
     sse = EventStream(request)
-    prompt_tokens = completion_tokens = 0
+    prompt_tokens = completion_tokens = cached_tokens = 0
     try:
         await sse.prepare()
         for index, job in enumerate(generation.jobs):
-            async for event in job.stream(keepalive):
+            async for event in generation.events(job, keepalive):
                 if event is None:
                     await sse.ping()
                 elif isinstance(event, Delta):
@@ -156,6 +150,7 @@ async def _stream_completion(
                 elif isinstance(event, Finished):
                     prompt_tokens += event.prompt_tokens
                     completion_tokens += event.completion_tokens
+                    cached_tokens += event.cached_tokens
                     await sse.send(
                         completion_chunk(id_, model, created, index, "", event.finish_reason, usage)
                     )
@@ -164,7 +159,13 @@ async def _stream_completion(
         if usage:
             await sse.send(
                 usage_chunk(
-                    id_, "text_completion", model, created, prompt_tokens, completion_tokens
+                    id_,
+                    "text_completion",
+                    model,
+                    created,
+                    prompt_tokens,
+                    completion_tokens,
+                    cached_tokens,
                 )
             )
         await sse.done()

@@ -1,0 +1,108 @@
+"""``POST /v1/embeddings``, OpenAI-compatible.
+
+``input`` is a string, a list of strings, a list of token ids or a list of token-id lists (at
+most 2048 inputs, as OpenAI). ``encoding_format`` ``float`` gives JSON numbers, ``base64``
+the little-endian float32 bytes (what the ``openai`` SDK asks for by default). ``dimensions``
+keeps the first N components and renormalises, as OpenAI does for its text-embedding-3
+models; it can be honoured for any N up to the model's size, but models not trained for
+truncation (Matryoshka) lose quality when cut. ``usage`` counts the input tokens.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from llmis.api.middleware import read_json
+from llmis.embeddings import acquire_embedder, embed_on_worker, truncate_dimensions
+from llmis.protocol import as_batch
+from llmis.state import MANAGER
+
+__all__ = ["MAX_INPUTS", "EmbeddingRequest", "routes"]
+
+MAX_INPUTS = 2048
+CHUNK = 64  # inputs per worker call: a disconnected client stops the rest between chunks
+
+routes = web.RouteTableDef()
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _shape(cls, value: object) -> object:
+        """One clear message for every malformed ``input`` instead of pydantic's union list."""
+        shape = (
+            "input must be a string, a list of strings, a list of token ids "
+            "or a list of token-id lists"
+        )
+        if isinstance(value, str):
+            if not value:
+                raise ValueError("input must not be an empty string")
+            return value
+        if not isinstance(value, list) or not value:
+            raise ValueError(shape if not isinstance(value, list) else "input must not be empty")
+        if all(_is_token(v) for v in value):
+            return value
+        if len(value) > MAX_INPUTS:
+            raise ValueError(f"input has {len(value)} items; at most {MAX_INPUTS} per request")
+        if all(isinstance(v, str) for v in value) or all(
+            isinstance(v, list) and all(_is_token(t) for t in v) for v in value
+        ):
+            for index, item in enumerate(value):
+                if not item:
+                    raise ValueError(f"input[{index}] is empty")
+            return value
+        raise ValueError(shape + " (not a mix)")
+
+    def inputs(self) -> list[str | list[int]]:
+        return as_batch(self.input)
+
+
+def _is_token(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _encode(vector: Any, encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return vector.tolist()  # type: ignore[no-any-return]
+
+
+@routes.post("/v1/embeddings")
+async def create_embeddings(request: web.Request) -> web.Response:
+    req = EmbeddingRequest.model_validate(await read_json(request))
+    worker, pooling = await acquire_embedder(request.app[MANAGER], req.model)
+    inputs = req.inputs()
+    data: list[dict[str, Any]] = []
+    tokens = 0
+    for start in range(0, len(inputs), CHUNK):
+        result = await embed_on_worker(worker, inputs[start : start + CHUNK], pooling=pooling)
+        tokens += result.prompt_tokens
+        vectors = truncate_dimensions(result.vectors, req.dimensions)
+        data.extend(
+            {
+                "object": "embedding",
+                "index": start + i,
+                "embedding": _encode(v, req.encoding_format),
+            }
+            for i, v in enumerate(vectors)
+        )
+    return web.json_response(
+        {
+            "object": "list",
+            "data": data,
+            "model": req.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )

@@ -1,0 +1,62 @@
+"""The chat page at ``/``, rendered with Jinja2 from ``templates/``; its assets under ``/static/``.
+
+Every asset is served by the app (no CDN). The page is sent with a Content-Security-Policy
+that allows only same-origin scripts, styles and connections, as a second line of defence
+behind rendering model output as text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+
+import llmis
+from llmis import __version__
+from llmis.state import MANAGER
+
+__all__ = ["CSP", "setup", "templates_dir"]
+
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+routes = web.RouteTableDef()
+
+
+def templates_dir() -> Path:
+    """``templates/`` beside the package (a checkout) or inside it (an installed wheel)."""
+    package = Path(llmis.__file__).resolve().parent
+    for candidate in (package / "templates", package.parent / "templates"):
+        if (candidate / "chat.html").is_file():
+            return candidate
+    raise FileNotFoundError(f"no templates/chat.html next to or inside {package}")
+
+
+@routes.get("/")
+async def chat_page(request: web.Request) -> web.Response:
+    models = [
+        {"name": e.name, "state": e.state.value, "n_ctx": e.settings.n_ctx}
+        for e in request.app[MANAGER].entries()
+    ]
+    response = aiohttp_jinja2.render_template(
+        "chat.html", request, {"models": models, "version": __version__}
+    )
+    response.headers["Content-Security-Policy"] = CSP
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def setup(app: web.Application) -> None:
+    """Install the Jinja2 environment, the page route and the static assets on ``app``."""
+    directory = templates_dir()
+    aiohttp_jinja2.setup(
+        app,
+        loader=jinja2.FileSystemLoader(directory),
+        autoescape=jinja2.select_autoescape(default=True),
+    )
+    app.add_routes(routes)
+    app.router.add_static("/static/", directory / "static", name="static")

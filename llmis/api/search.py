@@ -1,0 +1,136 @@
+"""``POST /v1/search`` and ``GET /v1/indexes``: semantic search over ``llmis index`` tables.
+
+``POST /v1/search {"index", "query", "top_k"?, "model"?}`` embeds the query with the model
+that built the index and returns the ``top_k`` most similar rows with their cosine scores.
+An index is tied to its model: naming another ``model`` is a 400, and so is an index whose
+model this server does not serve as an embedding model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from llmis.api.middleware import read_json
+from llmis.embeddings import Embeddings, acquire_embedder, embed
+from llmis.engine import Engine
+from llmis.errors import BadRequestError
+from llmis.index import Manifest
+from llmis.search import Hit, IndexCache, top_k
+from llmis.state import INDEXES, MANAGER, SETTINGS
+
+__all__ = ["MAX_TOP_K", "SearchRequest", "routes", "setup"]
+
+MAX_TOP_K = 100
+
+routes = web.RouteTableDef()
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    index: str = Field(min_length=1)
+    query: str = Field(min_length=1)
+    top_k: int = Field(default=5, ge=1, le=MAX_TOP_K)
+    model: str | None = None
+
+    @field_validator("query")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("query must not be blank")
+        return value
+
+
+def _describe(manifest: Manifest) -> dict[str, Any]:
+    return {
+        "id": manifest.name,
+        "object": "index",
+        "model": manifest.model,
+        "rows": manifest.rows,
+        "dimensions": manifest.dimensions,
+        "text_column": manifest.text_column,
+        "id_column": manifest.id_column,
+        "columns": list(manifest.columns),
+        "created": manifest.created,
+        "updated": manifest.updated,
+    }
+
+
+@routes.get("/v1/indexes")
+async def list_indexes(request: web.Request) -> web.Response:
+    loop = asyncio.get_running_loop()
+    manifests = await loop.run_in_executor(None, request.app[INDEXES].manifests)
+    return web.json_response({"object": "list", "data": [_describe(m) for m in manifests]})
+
+
+@routes.post("/v1/search")
+async def search(request: web.Request) -> web.Response:
+    req = SearchRequest.model_validate(await read_json(request))
+    cache = request.app[INDEXES]
+    index = cache.cached(req.index)
+    if index is None:
+        index = await asyncio.get_running_loop().run_in_executor(None, cache.get, req.index)
+    built_with = index.manifest.model
+    if req.model is not None and req.model != built_with:
+        raise BadRequestError(
+            f"The index '{req.index}' was built with the model '{built_with}'; a query must be "
+            f"embedded by the same model, not '{req.model}'. Omit model or rebuild the index "
+            f"with: llmis index ... --model {req.model} --out {req.index}",
+            param="model",
+            code="index_model_mismatch",
+        )
+    manager = request.app[MANAGER]
+    if all(entry.name != built_with for entry in manager.entries()):
+        raise BadRequestError(
+            f"The index '{req.index}' was built with the model '{built_with}', which this "
+            "server does not serve; add it to the config to search this index.",
+            param="index",
+            code="index_model_unavailable",
+        )
+    worker, pooling = await acquire_embedder(manager, built_with)
+    path = worker.engine.path
+    built = (index.manifest.model_file, index.manifest.model_size, index.manifest.dimensions)
+
+    def embed_and_rank(engine: Engine) -> tuple[Embeddings, list[Hit]]:
+        result = embed(engine, [req.query], pooling=pooling)
+        if (path.name, path.stat().st_size, result.vectors.shape[1]) != built:
+            raise BadRequestError(
+                f"The model '{built_with}' is now served from a different file than the one "
+                f"that built the index '{req.index}' ({index.manifest.model_file}); rebuild "
+                "the index.",
+                param="index",
+                code="index_model_mismatch",
+                status=409,
+            )
+        return result, top_k(index, result.vectors[0], req.top_k)
+
+    result, hits = await worker.call(embed_and_rank)  # one hop: embed, then score
+    return web.json_response(
+        {
+            "object": "list",
+            "index": req.index,
+            "model": built_with,
+            "data": [
+                {
+                    "object": "search_result",
+                    "rank": hit.rank,
+                    "score": hit.score,
+                    "id": hit.row.id,
+                    "text": hit.row.text,
+                    "fields": hit.row.fields,
+                }
+                for hit in hits
+            ],
+            "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+        }
+    )
+
+
+def setup(app: web.Application) -> None:
+    """Share an :class:`IndexCache` of ``[server] indexes_dir`` and add the routes."""
+    app[INDEXES] = IndexCache(app[SETTINGS].server.indexes_dir)
+    app.add_routes(routes)

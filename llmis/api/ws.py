@@ -1,0 +1,257 @@
+"""``/v1/ws``: chat completions over one long-lived WebSocket, several at a time.
+
+Client → server, one JSON object per text message:
+
+* ``{"type": "chat", "id": ..., "model": ..., "messages": [...], ...}`` with the parameters of
+  ``POST /v1/chat/completions`` (validated by the same pydantic model, so the same errors);
+  ``"trim": false`` turns off history trimming;
+* ``{"type": "cancel", "id": ...}`` stops that generation;
+* ``{"type": "ping"}`` is answered by ``{"type": "pong"}`` (browsers cannot send WS pings).
+
+Server → client: ``delta`` events, then exactly one ``done`` (``finish_reason`` ``stop``,
+``length`` or ``cancelled``) or ``error`` per chat id. Errors carry the body and status an
+HTTP request would get. The server pings the socket (aiohttp heartbeat) and a close cancels
+every job of the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from aiohttp import WSCloseCode, WSMsgType, web
+from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
+
+from llmis.api.middleware import validation_error
+from llmis.errors import APIError, BadRequestError
+from llmis.protocol import ChatCompletionRequest, usage
+from llmis.request_context import current_request, new_request_id, request_scope
+from llmis.serving import Generation, start_chat
+from llmis.state import MANAGER, SETTINGS
+from llmis.trimming import start_trimmed_chat
+from llmis.worker import Delta, Failed, Finished
+
+__all__ = ["SOCKETS", "heartbeat_seconds", "routes", "setup"]
+
+logger = logging.getLogger(__name__)
+
+routes = web.RouteTableDef()
+SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("websockets")
+
+ChatId = StrictStr | StrictInt
+_ENVELOPE_KEYS = ("type", "id", "trim")
+
+
+class _Envelope(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["chat", "cancel", "ping"]
+    id: ChatId | None = None
+    trim: bool = True
+
+
+def heartbeat_seconds(keepalive_seconds: float) -> float:
+    """WS ping interval: the SSE keepalive, but never under 5 s (the pong deadline is half)."""
+    return max(keepalive_seconds, 5.0)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(eq=False)
+class _Chat:
+    task: asyncio.Task[None]
+    cancelled: bool = False
+
+
+class _Session:
+    """The jobs of one socket, keyed by the client's ids."""
+
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
+        self.manager = request.app[MANAGER]
+        self.ws = ws
+        self.chats: dict[ChatId, _Chat] = {}
+
+    async def send(self, event: dict[str, Any]) -> None:
+        if self.ws.closed:
+            return
+        # A socket going away raises here; its reader loop then ends and cancels the jobs.
+        with contextlib.suppress(ConnectionResetError):
+            await self.ws.send_json(event, dumps=_dumps)
+
+    async def error(self, id_: ChatId | None, exc: APIError) -> None:
+        await self.send({"type": "error", "id": id_, "status": exc.status, **exc.body()})
+
+    async def receive(self, raw: str) -> None:
+        """Act on one client message; every problem becomes an ``error`` event."""
+        id_: ChatId | None = None
+        try:
+            try:
+                data = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise BadRequestError(
+                    f"We could not parse the JSON of your message: {exc}", code="invalid_json"
+                ) from None
+            if not isinstance(data, dict):
+                raise BadRequestError("a message must be a JSON object", code="invalid_value")
+            raw_id = data.get("id")
+            if isinstance(raw_id, str | int) and not isinstance(raw_id, bool):
+                id_ = raw_id
+            envelope = _Envelope.model_validate(data)
+            if envelope.type == "ping":
+                await self.send({"type": "pong", "id": envelope.id})
+                return
+            if envelope.id is None:
+                raise BadRequestError(
+                    f"id: a {envelope.type} message needs an id (a string or an integer)",
+                    param="id",
+                    code="missing_required_parameter",
+                )
+            if envelope.type == "cancel":
+                self.cancel(envelope.id)
+                return
+            if envelope.id in self.chats:
+                raise BadRequestError(
+                    f"id: a request with id {envelope.id!r} is still running on this socket",
+                    param="id",
+                    code="duplicate_id",
+                )
+            body = {k: v for k, v in data.items() if k not in _ENVELOPE_KEYS}
+            request = ChatCompletionRequest.model_validate(body)
+        except ValidationError as exc:
+            await self.error(id_, validation_error(exc))
+            return
+        except APIError as exc:
+            await self.error(id_, exc)
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._scoped_chat(envelope.id, request, envelope.trim)
+        )
+        self.chats[envelope.id] = _Chat(task)
+
+    def cancel(self, id_: ChatId) -> None:
+        chat = self.chats.get(id_)
+        if chat is None:
+            raise BadRequestError(
+                f"id: no request with id {id_!r} is running on this socket",
+                param="id",
+                code="unknown_id",
+            )
+        chat.cancelled = True
+        chat.task.cancel()
+
+    async def _scoped_chat(self, id_: ChatId, request: ChatCompletionRequest, trim: bool) -> None:
+        """Run one chat as its own request: its own id, and timeouts counted from now."""
+        socket = current_request()
+        if socket is None:
+            await self._chat(id_, request, trim)
+            return
+        ctx = dataclasses.replace(socket, id=new_request_id(), started=time.monotonic())
+        with request_scope(ctx):
+            await self._chat(id_, request, trim)
+
+    def _release(self, id_: ChatId) -> None:
+        """Free ``id_`` for reuse: called by its own task just before its last event."""
+        chat = self.chats.get(id_)
+        if chat is not None and chat.task is asyncio.current_task():
+            del self.chats[id_]
+
+    async def _end(self, id_: ChatId, event: dict[str, Any]) -> None:
+        self._release(id_)
+        await self.send(event)
+
+    async def _fail(self, id_: ChatId, exc: APIError) -> None:
+        self._release(id_)
+        await self.error(id_, exc)
+
+    async def _chat(self, id_: ChatId, request: ChatCompletionRequest, trim: bool) -> None:
+        generation: Generation | None = None
+        try:
+            if trim:
+                generation, trimmed = await start_trimmed_chat(self.manager, request)
+            else:
+                generation, trimmed = await start_chat(self.manager, request), 0
+            async for event in generation.events(generation.jobs[0]):
+                if isinstance(event, Delta):
+                    await self.send({"type": "delta", "id": id_, "content": event.text})
+                elif isinstance(event, Finished):
+                    done: dict[str, Any] = {
+                        "type": "done",
+                        "id": id_,
+                        "finish_reason": event.finish_reason,
+                        "usage": usage(event.prompt_tokens, event.completion_tokens),
+                    }
+                    if trimmed:
+                        done["trimmed"] = trimmed
+                    await self._end(id_, done)
+                elif isinstance(event, Failed):
+                    await self._fail(id_, event.error)
+        except APIError as exc:
+            await self._fail(id_, exc)
+        except asyncio.CancelledError:
+            chat = self.chats.get(id_)
+            if chat is None or not chat.cancelled:
+                raise  # the socket closed: nobody to tell
+            await self._end(
+                id_, {"type": "done", "id": id_, "finish_reason": "cancelled", "usage": None}
+            )
+        except Exception:
+            logger.exception("websocket chat %r failed", id_)
+            await self._fail(
+                id_, APIError("The server had an error while processing your request.")
+            )
+        finally:
+            if generation is not None:
+                generation.cancel()
+            self._release(id_)
+
+    async def close(self) -> None:
+        """Cancel every job of this socket and wait for their tasks to end."""
+        tasks = [chat.task for chat in self.chats.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@routes.get("/v1/ws")
+async def chat_socket(request: web.Request) -> web.WebSocketResponse:
+    server = request.app[SETTINGS].server
+    ws = web.WebSocketResponse(
+        heartbeat=heartbeat_seconds(server.keepalive_seconds),
+        max_msg_size=server.max_body_bytes,
+    )
+    await ws.prepare(request)
+    request.app[SOCKETS].add(ws)
+    session = _Session(request, ws)
+    try:
+        async for message in ws:
+            if message.type == WSMsgType.TEXT:
+                await session.receive(message.data)
+            elif message.type == WSMsgType.BINARY:
+                await session.error(
+                    None, BadRequestError("send JSON text messages, not binary ones")
+                )
+    finally:
+        await session.close()
+    return ws
+
+
+async def _close_sockets(app: web.Application) -> None:
+    sockets = app[SOCKETS]
+    for ws in list(sockets):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+
+
+def setup(app: web.Application) -> None:
+    """Add ``/v1/ws`` to ``app``; open sockets are closed when the app shuts down."""
+    app[SOCKETS] = weakref.WeakSet[web.WebSocketResponse]()
+    app.on_shutdown.append(_close_sockets)
+    app.add_routes(routes)

@@ -1,0 +1,129 @@
+"""Model memory: the RAM budget, predicting a model's RAM before a load, measuring it after.
+
+A prediction is the file size (llama.cpp maps the weights and populates the mapping), plus the
+f16 KV cache for ``n_ctx`` tokens (from the GGUF shape), plus an overhead for compute buffers
+and the vocabulary tables. The overhead constants were fitted on the two bundled models
+(SmolLM2-135M, Gemma-3-270M) at n_ctx 512..8192: ``scripts/bench_models.py`` prints the
+prediction error. A measurement is the change of this process's RSS over the load.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import re
+import sys
+from dataclasses import dataclass
+
+import psutil
+
+from llmis.gguf_info import GGUFInfo
+
+__all__ = [
+    "MemoryPrediction",
+    "parse_budget",
+    "predict_memory",
+    "process_rss",
+    "release_free_heap",
+    "resolve_budget",
+]
+
+MiB = 1024 * 1024
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z%]*)\s*$")
+
+# Fitted overhead: a fixed part, per batch-token activations, and per vocabulary entry
+# (llama.cpp's token tables and piece cache).
+_FIXED_OVERHEAD = 8 * MiB
+_PER_BATCH_EMBD = 16  # bytes per (n_batch x n_embd)
+_PER_VOCAB = 170  # bytes per vocabulary entry
+
+
+def parse_budget(value: int | str) -> tuple[float, bool]:
+    """``(number, is_percent)`` from ``8000000000``, ``"6GiB"``, ``"512MB"`` or ``"75%"``.
+
+    Raises ``ValueError`` with a readable message on anything else.
+    """
+    if isinstance(value, bool):
+        raise ValueError("ram_budget must be a byte count or a string like '75%' or '6GiB'")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError("ram_budget must be positive")
+        return float(value), False
+    match = _SIZE.match(value)
+    unit = match.group(2).lower() if match else ""
+    if match is None or (unit != "%" and unit not in _UNITS):
+        raise ValueError(
+            f"ram_budget {value!r} is not a size: write bytes (8000000000), "
+            "a size with a unit ('6GiB', '512MB') or a percent of RAM ('75%')"
+        )
+    number = float(match.group(1))
+    if unit == "%":
+        if not 0 < number <= 100:
+            raise ValueError(f"ram_budget {value!r}: a percent must be in (0, 100]")
+        return number, True
+    if number <= 0:
+        raise ValueError("ram_budget must be positive")
+    return number * _UNITS[unit], False
+
+
+def resolve_budget(value: int | str, total: int | None = None) -> int:
+    """The budget in bytes; a percent is of the machine's total RAM (psutil)."""
+    number, percent = parse_budget(value)
+    if not percent:
+        return int(number)
+    total = total if total is not None else psutil.virtual_memory().total
+    return int(total * number / 100)
+
+
+@dataclass(frozen=True)
+class MemoryPrediction:
+    weights: int
+    kv_cache: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.overhead
+
+
+def predict_memory(info: GGUFInfo, n_ctx: int, n_batch: int, slots: int = 1) -> MemoryPrediction:
+    """Predicted RSS growth of loading ``info`` with this context (CPU, f16 KV cache)."""
+    n_embd = info.embedding_length or 0
+    n_vocab = info.vocab_size or 0
+    overhead = _FIXED_OVERHEAD + _PER_BATCH_EMBD * min(n_batch, n_ctx) * n_embd
+    overhead += _PER_VOCAB * n_vocab
+    return MemoryPrediction(info.file_size, info.kv_cache_bytes(n_ctx * slots), overhead)
+
+
+def process_rss() -> int:
+    """Resident set size of this process, in bytes."""
+    return int(psutil.Process().memory_info().rss)
+
+
+def release_free_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so RSS reflects frees."""
+    if not sys.platform.startswith("linux"):
+        return
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):  # musl has no malloc_trim
+        return
