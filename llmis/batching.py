@@ -30,20 +30,11 @@ from llama_cpp import _internals
 
 from llmis.engine import Engine, TextStream, build_sampler
 from llmis.errors import APIError, ModelUnavailableError, QueueFullError
-from llmis.worker import CallJob, Delta, Failed, Finished, Job, ModelWorker, Started
+from llmis.worker import CallJob, Delta, Failed, Finished, Job, ModelWorker, SlotStats, Started
 
-__all__ = ["BatchWorker", "SlotStats"]
+__all__ = ["BatchWorker"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SlotStats:
-    """A snapshot of one slot: the job it runs (if any) and the KV cells its sequence holds."""
-
-    slot: int
-    job_id: int | None
-    kv_tokens: int
 
 
 @dataclass(eq=False)
@@ -203,7 +194,10 @@ class BatchWorker(ModelWorker):
             slot.job = None
             return
         prompt = list(job.prompt)
-        keep = min(_common_prefix(slot.tokens, prompt), len(prompt) - 1)
+        # as Engine.generate: a seeded job evaluates its whole prompt, so its logits never
+        # depend on how an earlier request split the prompt into batches
+        shared = _common_prefix(slot.tokens, prompt) if job.params.seed is None else 0
+        keep = min(shared, len(prompt) - 1)
         if keep < len(slot.tokens) and not llama_cpp.llama_memory_seq_rm(
             self._mem, slot.seq_id, keep, -1
         ):

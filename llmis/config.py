@@ -81,6 +81,9 @@ class ModelSettings(_Strict):
     slots: int = Field(
         default=1, ge=1, le=64, description="sequences decoded together; 1 = one job at a time"
     )
+    flash_attn: bool = Field(
+        default=False, description="llama.cpp flash attention (llama-server's CPU default)"
+    )
     embedding: bool = Field(
         default=False, description="serve /v1/embeddings and /v1/search with this model"
     )

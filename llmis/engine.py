@@ -179,6 +179,7 @@ class Engine:
         threads: int | None = None,
         chat_format: str | None = None,
         embedding: bool = False,
+        flash_attn: bool = False,
     ) -> None:
         self.path = path
         try:
@@ -190,19 +191,34 @@ class Engine:
                 n_threads=threads,
                 n_threads_batch=threads,
                 embedding=embedding,
+                flash_attn=flash_attn,
                 verbose=False,
             )
         except (ValueError, RuntimeError) as exc:
             raise ModelFileError(f"cannot load {path.name}: {exc}") from None
         # llama.cpp may round the context up; llama-cpp-python's token buffers keep the
         # requested size, so the smaller of the two is what a request can use.
-        self.n_ctx = min(self.llm.n_ctx(), self.llm.context_params.n_ctx)
+        self.n_ctx: int = min(int(self.llm.n_ctx()), int(self.llm.context_params.n_ctx))
         self._vocab = self.llm._model.vocab
+        self.reused_tokens = 0  # prompt tokens the last generate() took from the KV cache
         self._cancel: threading.Event | None = None
         self._abort_cb = llama_cpp.ggml_abort_callback(self._should_abort)
         self._abort_installed = False
         self.chat_template_source = "none"
         self._formatter = self._make_formatter(chat_format)
+        self.chat_stops = self._format_stops()
+        arch = self.llm.metadata.get("general.architecture", "")
+        # Models that declare a pooling type (BERT-style sentence encoders) only embed.
+        self.generates = f"{arch}.pooling_type" not in self.llm.metadata
+
+    def check_generates(self, model: str) -> None:
+        """Raise a 400 when this model can only produce embeddings."""
+        if not self.generates:
+            raise BadRequestError(
+                f"The model '{model}' is an embedding model; use /v1/embeddings.",
+                param="model",
+                code="generation_not_supported",
+            )
 
     # ----- prompt preparation (thread-safe: reads the vocab only) -----
 
@@ -228,6 +244,17 @@ class Engine:
     @property
     def has_chat_template(self) -> bool:
         return self._formatter is not None
+
+    def _format_stops(self) -> tuple[str, ...]:
+        """Plain-text stop strings of a named chat format (e.g. '###' for snoozy).
+
+        A GGUF template's stop is its end-of-generation token, which ends generation anyway.
+        """
+        if self._formatter is None or self.chat_template_source == "gguf":
+            return ()
+        stop = self._formatter(messages=[{"role": "user", "content": "x"}]).stop
+        stops = [stop] if isinstance(stop, str) else list(stop or ())
+        return tuple(s for s in stops if s)
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
         """Render ``messages`` with the model's chat template and tokenize the result."""
@@ -316,6 +343,7 @@ class Engine:
         else:
             llm.reset()
             keep = 0
+        self.reused_tokens = keep
         return list(prompt[keep:])
 
     def _sampler(self, params: SamplingParams) -> _internals.LlamaSampler:

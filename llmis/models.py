@@ -597,6 +597,7 @@ class ModelManager:
             threads=threads,
             chat_format=model.chat_format,
             embedding=model.embedding,
+            flash_attn=model.flash_attn,
         )
         return self._make_worker(model, engine)
 

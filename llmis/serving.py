@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llmis.engine import FinishReason
 from llmis.errors import APIError, BadRequestError
@@ -69,11 +69,15 @@ async def start_chat(manager: ModelManager, request: ChatCompletionRequest) -> G
     async with manager.lease(request.model) as worker:
         guard.admitted()
         engine = worker.engine
+        engine.check_generates(request.model)
         loop = asyncio.get_running_loop()
         prompt = await loop.run_in_executor(None, engine.chat_prompt, messages)
         limit = guard.max_tokens(len(prompt), request.token_limit, "messages")
         max_tokens = guard.clamp(engine.check_context(len(prompt), limit, "messages"), limit)
-        job = Job(prompt, request.sampling(max_tokens), loop)
+        params = request.sampling(max_tokens)
+        if engine.chat_stops:
+            params = replace(params, stop=params.stop + engine.chat_stops)
+        job = Job(prompt, params, loop)
         worker.submit([job])
     # worker.name is the model actually serving: an alias reports its current version.
     return Generation(worker.name, worker, [job], guard)
@@ -91,6 +95,7 @@ async def _submit_completion(
     worker: ModelWorker, request: CompletionRequest, guard: Guard
 ) -> Generation:
     engine = worker.engine
+    engine.check_generates(request.model)
     loop = asyncio.get_running_loop()
     n_vocab = engine.llm.n_vocab()
 

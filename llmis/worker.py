@@ -31,6 +31,7 @@ __all__ = [
     "Job",
     "JobEvent",
     "ModelWorker",
+    "SlotStats",
     "Started",
 ]
 
@@ -63,6 +64,16 @@ class Failed:
 
 
 JobEvent = Started | Delta | Finished | Failed
+
+
+@dataclass(frozen=True)
+class SlotStats:
+    """One generation slot: the job it runs (if any) and the KV-cache tokens it holds."""
+
+    slot: int
+    job_id: int | None
+    kv_tokens: int
+
 
 _job_ids = itertools.count(1)
 T = TypeVar("T")
@@ -155,6 +166,12 @@ class ModelWorker:
     @property
     def busy(self) -> bool:
         return self._running is not None or bool(self._queue)
+
+    def slot_stats(self) -> list[SlotStats]:
+        """The one slot: its running job and the tokens kept in the KV cache for reuse."""
+        job = self._running
+        job_id = job.id if isinstance(job, Job) else None
+        return [SlotStats(0, job_id, self.engine.llm.n_tokens)]
 
     async def call(self, fn: Callable[[Engine], T]) -> T:
         """Run ``fn(engine)`` on the worker thread, queued like any job; await its result.
@@ -253,7 +270,14 @@ class ModelWorker:
                 if step.text:
                     job.emit(Delta(step.text))
                 if step.finish_reason is not None:
-                    job.emit(Finished(step.finish_reason, len(job.prompt), step.completion_tokens))
+                    job.emit(
+                        Finished(
+                            step.finish_reason,
+                            len(job.prompt),
+                            step.completion_tokens,
+                            self.engine.reused_tokens,
+                        )
+                    )
         except GenerationCancelled:
             logger.debug("job %s cancelled during prompt evaluation", job.id)
         except Exception:

@@ -58,7 +58,9 @@ def run_engine(engine: Engine, round_: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     prompt = engine.chat_prompt(messages(round_))
     params = SamplingParams(max_tokens=TOKENS, temperature=0, logit_bias={EOS: -100.0})
-    stamps = [time.perf_counter() for s in engine.generate(prompt, params, threading.Event()) if s.text]
+    stamps = [
+        time.perf_counter() for s in engine.generate(prompt, params, threading.Event()) if s.text
+    ]
     return summarize(t0, stamps)
 
 
@@ -109,7 +111,9 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="llmis-bench-"))
     server = launch(smollm_config().replace("threads = 2", f"threads = {args.threads}"), workdir)
     path = str(smollm_path())
-    llm = Llama(path, n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+    llm = Llama(
+        path, n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads, verbose=False
+    )
     engine = Engine(smollm_path(), n_ctx=2048, threads=args.threads)
     variants: dict[str, Callable[[int], tuple[float, float]]] = {
         "A llama-cpp-python in process": lambda r: run_llama(llm, r),
@@ -129,17 +133,30 @@ def main() -> None:
     finally:
         server.stop()
         engine.close()
-    print(f"\nserving bench: SmolLM2-135M Q4_1, {TOKENS} tokens, {args.threads} threads, "
-          f"{args.rounds} interleaved rounds (medians)")
+    print(
+        f"\nserving bench: SmolLM2-135M Q4_1, {TOKENS} tokens, {args.threads} threads, "
+        f"{args.rounds} interleaved rounds (medians)"
+    )
     a = report("A llama-cpp-python in process", results["A llama-cpp-python in process"])
     b = report("B llmis engine in process", results["B llmis engine in process"])
     c = report("C llmis server (SSE, aiohttp)", results["C llmis server (SSE, aiohttp)"])
-    paired = [rc[0] / ra[0] for ra, rc in zip(results["A llama-cpp-python in process"], results["C llmis server (SSE, aiohttp)"], strict=True)]
-    print(f"  tokens/s ratio server/in-process (C/A): {c[0] / a[0]:.3f}  "
-          f"(per-round median {statistics.median(paired):.3f}; target >= 0.95)")
+    paired = [
+        rc[0] / ra[0]
+        for ra, rc in zip(
+            results["A llama-cpp-python in process"],
+            results["C llmis server (SSE, aiohttp)"],
+            strict=True,
+        )
+    ]
+    print(
+        f"  tokens/s ratio server/in-process (C/A): {c[0] / a[0]:.3f}  "
+        f"(per-round median {statistics.median(paired):.3f}; target >= 0.95)"
+    )
     print(f"  tokens/s ratio engine/in-process (B/A): {b[0] / a[0]:.3f}")
-    print(f"  TTFT added by the server (C - A): {c[1] - a[1]:+.1f} ms  (target <= +10 ms); "
-          f"C - B: {c[1] - b[1]:+.1f} ms")
+    print(
+        f"  TTFT added by the server (C - A): {c[1] - a[1]:+.1f} ms  (target <= +10 ms); "
+        f"C - B: {c[1] - b[1]:+.1f} ms"
+    )
 
 
 if __name__ == "__main__":

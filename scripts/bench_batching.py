@@ -174,6 +174,7 @@ resource = "{resource}"
 n_ctx = {args.ctx}
 slots = {args.slots}
 queue_size = 64
+flash_attn = {"true" if args.flash_attn == "on" else "false"}
 {fmt}
 """
     running = launch(config, workdir / f"llmis-{model}")
@@ -186,7 +187,7 @@ def start_llama_server(binary: Path, workdir: Path, model: str, args: argparse.N
     log = workdir / f"llama-server-{model}.log"
     cmd = [str(binary), "-m", str(path), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["-t", str(args.threads), "-tb", str(args.threads), "-np", str(args.slots)]
-    cmd += ["-c", str(args.ctx * args.slots), "--no-webui"]
+    cmd += ["-c", str(args.ctx * args.slots), "--no-webui", "-fa", args.flash_attn]
     with log.open("wb") as out:
         popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -208,6 +209,7 @@ def start_llama_cpp_python(workdir: Path, model: str, args: argparse.Namespace) 
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(args.ctx)]
     cmd += ["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
     cmd += ["--model_alias", model, "--verbose", "False"]
+    cmd += ["--flash_attn", str(args.flash_attn == "on")]
     if chat_format:
         cmd += ["--chat_format", chat_format]
     with log.open("wb") as out:
@@ -366,6 +368,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--ctx", type=int, default=1024, help="context per slot")
+    parser.add_argument(
+        "--flash-attn", choices=["on", "off"], default="on", help="on = llama-server's CPU default"
+    )
     parser.add_argument("--no-llama-cpp-python", action="store_true")
     parser.add_argument("--no-llama-server", action="store_true", help="skip building/running it")
     args = parser.parse_args()
@@ -376,7 +381,8 @@ def main() -> None:
         print("llama-cpp-python's server skipped (pip install -e '.[bench]' to include it)")
     print(
         f"threads={args.threads} slots={args.slots} (llama-server -np {args.slots}) "
-        f"ctx/slot={args.ctx}; the machine is shared: compare only side-by-side ratios"
+        f"ctx/slot={args.ctx} flash_attn={args.flash_attn}\n"
+        "the machine is shared: compare only side-by-side ratios"
     )
     with tempfile.TemporaryDirectory(prefix="llmis-bench-") as tmp:
         workdir = Path(tmp)

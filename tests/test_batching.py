@@ -251,6 +251,11 @@ def test_server_concurrent_streams_equal_unbatched(batched_server: RunningServer
     assert [r["text"] for r in results] == expected
     assert all(r["done"] and r["finish"] == "length" for r in results)
     assert all(r["usage"]["completion_tokens"] == 16 for r in results)
+    status, listing = batched_server.get_json("/admin/models")
+    assert status == 200 and isinstance(listing, dict)
+    slots = next(m["slots"] for m in listing["data"] if m["name"] == "batched")
+    assert [s["job_id"] for s in slots] == [None] * 4  # the burst is over: every slot is free
+    assert all(s["kv_tokens"] > 0 for s in slots)  # 5 requests used all 4; prefixes stay cached
 
 
 def test_server_reports_cached_prompt_tokens(batched_server: RunningServer) -> None:
@@ -261,5 +266,16 @@ def test_server_reports_cached_prompt_tokens(batched_server: RunningServer) -> N
     details = second["usage"]["prompt_tokens_details"]
     assert details["cached_tokens"] >= first["usage"]["prompt_tokens"]
     assert details["cached_tokens"] < second["usage"]["prompt_tokens"]
-    fresh = stream_chat(batched_server, "single", {"messages": turn2, "max_tokens": 12})
+    # a seed turns prefix reuse off: the whole prompt is evaluated, on the unbatched path
+    fresh = stream_chat(batched_server, "single", {"messages": turn2, "max_tokens": 12, "seed": 1})
+    assert fresh["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert second["text"] == fresh["text"]
+
+
+def test_server_unbatched_path_reports_cached_prompt_tokens(batched_server: RunningServer) -> None:
+    turn1 = messages("Name a tree.")
+    first = stream_chat(batched_server, "single", {"messages": turn1, "max_tokens": 12})
+    turn2 = [*turn1, {"role": "assistant", "content": first["text"]}, *messages("Where?")]
+    second = stream_chat(batched_server, "single", {"messages": turn2, "max_tokens": 12})
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert first["usage"]["prompt_tokens"] <= cached < second["usage"]["prompt_tokens"]

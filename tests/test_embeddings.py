@@ -273,3 +273,26 @@ def test_request_schema_shapes() -> None:
         EmbeddingRequest.model_validate({"model": "m", "input": [True, False]})
     with pytest.raises(ValidationError):
         EmbeddingRequest.model_validate({"model": "m", "input": ["a"] * 2049})
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/completions", {"prompt": "hi"}),
+    ],
+)
+def test_generation_on_an_embedding_model_is_a_clear_400(
+    embed_server: RunningServer, path: str, body: dict[str, object]
+) -> None:
+    request = urllib.request.Request(
+        embed_server.url + path,
+        json.dumps({"model": "minilm", "max_tokens": 2, **body}).encode(),
+        {"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=60)
+    assert info.value.code == 400
+    error = json.loads(info.value.read())["error"]
+    assert error["code"] == "generation_not_supported"
+    assert error["param"] == "model"

@@ -417,7 +417,7 @@ async def test_tight_budget_never_evicts_a_busy_or_pinned_model(tight: RunningSe
     long = {
         "model": "gemma3",
         "messages": [{"role": "user", "content": "Write about the history of France."}],
-        "max_tokens": 48,
+        "max_tokens": 24,
         "logit_bias": GEMMA_EOS,
     }
     async with aiohttp.ClientSession() as session:

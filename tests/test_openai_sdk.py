@@ -114,7 +114,9 @@ def test_completion_batch_has_one_choice_per_prompt(client: openai.OpenAI) -> No
     singles = [
         client.completions.create(
             model="smollm2", prompt=p, max_tokens=4, temperature=0, logit_bias=EOS_BAN
-        ).choices[0].text
+        )
+        .choices[0]
+        .text
         for p in prompts
     ]
     assert [c.text for c in out.choices] == singles

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,7 @@ def describe(manager: ModelManager, entry: ModelEntry) -> dict[str, Any]:
         "last_used": entry.last_used,
         "queue_depth": entry.queued,
         "in_flight": entry.in_flight,
+        "slots": [asdict(s) for s in entry.worker.slot_stats()] if entry.worker else [],
         "evictions": manager.evictions.get(entry.name, 0),
         "error": entry.error,
         "gguf": entry.metadata(),
