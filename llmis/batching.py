@@ -18,6 +18,7 @@ produced with that sequence's own sampler chain.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -30,7 +31,17 @@ from llama_cpp import _internals
 
 from llmis.engine import Engine, TextStream, build_sampler
 from llmis.errors import APIError, ModelUnavailableError, QueueFullError
-from llmis.worker import CallJob, Delta, Failed, Finished, Job, ModelWorker, SlotStats, Started
+from llmis.worker import (
+    CallJob,
+    Delta,
+    Failed,
+    Finished,
+    Job,
+    JobEvent,
+    ModelWorker,
+    SlotStats,
+    Started,
+)
 
 __all__ = ["BatchWorker"]
 
@@ -50,6 +61,24 @@ class _Slot:
     cached: int = 0  # prompt tokens reused from the slot's previous sequence
     last_used: int = 0
     kv_tokens: int = 0  # snapshot for other threads
+
+
+def _deliver(outbox: list[tuple[Job, JobEvent]]) -> None:
+    """Hand one step's events to their event loops: one wake-up per loop, not one per token."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, JobEvent]]] = {}
+    for job, event in outbox:
+        by_loop.setdefault(job.loop, []).append((job, event))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            for job, _ in items:
+                job.cancel.set()
+
+
+def _put_all(items: list[tuple[Job, JobEvent]]) -> None:
+    for job, event in items:
+        job.events.put_nowait(event)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -267,6 +296,7 @@ class BatchWorker(ModelWorker):
         status = llama_cpp.llama_decode(self._ctx.ctx, batch)
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
+        outbox: list[tuple[Job, JobEvent]] = []
         for slot in active:
             if slot.logits_at < 0:
                 continue
@@ -276,13 +306,11 @@ class BatchWorker(ModelWorker):
             slot.logits_at = -1
             step = out.push(token)
             if step is not None and step.text:
-                job.emit(Delta(step.text))
+                outbox.append((job, Delta(step.text)))
             if step is not None and step.finish_reason is not None:
-                job.emit(
-                    Finished(
-                        step.finish_reason, len(job.prompt), step.completion_tokens, slot.cached
-                    )
-                )
+                n_prompt, n_out = len(job.prompt), step.completion_tokens
+                outbox.append((job, Finished(step.finish_reason, n_prompt, n_out, slot.cached)))
                 self._release(slot)
             else:
                 slot.next_token = token
+        _deliver(outbox)

@@ -146,6 +146,9 @@ class ModelWorker:
         self.name = name
         self.engine = engine
         self.queue_size = queue_size
+        # for /metrics: prompt tokens of generation jobs, and how many came from the KV cache
+        self.prompt_tokens_total = 0
+        self.cached_tokens_total = 0
         self._queue: deque[Job | CallJob] = deque()
         self._cond = threading.Condition()
         self._running: Job | CallJob | None = None
@@ -270,6 +273,8 @@ class ModelWorker:
                 if step.text:
                     job.emit(Delta(step.text))
                 if step.finish_reason is not None:
+                    self.prompt_tokens_total += len(job.prompt)
+                    self.cached_tokens_total += self.engine.reused_tokens
                     job.emit(
                         Finished(
                             step.finish_reason,

@@ -38,7 +38,9 @@ from tests.conftest import (
 
 MiB = 1024 * 1024
 SMOLLM_EOS = {"0": -100, "2": -100}  # <|endoftext|>, <|im_end|>: forces full-length output
-GEMMA_EOS = {"1": -100, "106": -100}  # <eos>, <end_of_turn>
+# <eos>, <end_of_turn>, and the '#' tokens that could spell snoozy's '###' stop string:
+# streams that must run to max_tokens ban them all.
+GEMMA_EOS = {str(t): -100 for t in (1, 106, 10354, 36675, 1408, 236865, 997)}
 
 
 def post_json(server: RunningServer, path: str, body: object) -> tuple[int, Any, dict[str, str]]:
