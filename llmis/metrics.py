@@ -56,6 +56,17 @@ class _ManagerCollector(Collector):
             "Model memory: predicted before loading, measured (RSS change) after.",
             labels=["model_name", "kind"],
         )
+        cached = CounterMetricFamily(
+            "llmis:prompt_tokens_cached",
+            "Prompt tokens reused from the KV cache instead of evaluated (since the model loaded).",
+            labels=_MODEL,
+        )
+        kv_tokens = GaugeMetricFamily(
+            "llamacpp:kv_cache_tokens", "Tokens held in the KV cache, all slots.", labels=_MODEL
+        )
+        busy_slots = GaugeMetricFamily(
+            "llmis:slots_busy", "Generation slots running a job now.", labels=_MODEL
+        )
         loaded = 0
         for entry in self.manager.entries():
             worker = entry.worker
@@ -63,6 +74,10 @@ class _ManagerCollector(Collector):
                 loaded += 1
                 running.add_metric([entry.name], worker.running)
                 waiting.add_metric([entry.name], worker.queued)
+                cached.add_metric([entry.name], worker.cached_tokens_total)
+                slots = worker.slot_stats()
+                kv_tokens.add_metric([entry.name], sum(s.kv_tokens for s in slots))
+                busy_slots.add_metric([entry.name], sum(s.job_id is not None for s in slots))
             for kind in ("predicted", "measured"):
                 value = getattr(entry, f"{kind}_bytes", None)
                 if isinstance(value, int):
@@ -70,6 +85,9 @@ class _ManagerCollector(Collector):
         yield running
         yield waiting
         yield memory
+        yield cached
+        yield kv_tokens
+        yield busy_slots
         yield GaugeMetricFamily("llmis:models_loaded", "Models loaded now.", value=loaded)
         evictions = getattr(self.manager, "evictions", None)
         if isinstance(evictions, Mapping):

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from llmis.batching import BatchWorker
 from llmis.engine import Engine, SamplingParams
@@ -258,7 +259,21 @@ def test_server_concurrent_streams_equal_unbatched(batched_server: RunningServer
     assert all(s["kv_tokens"] > 0 for s in slots)  # 5 requests used all 4; prefixes stay cached
 
 
+def scrape_cached(server: RunningServer, model: str) -> float:
+    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if (
+                sample.name == "llmis:prompt_tokens_cached_total"
+                and sample.labels.get("model_name") == model
+            ):
+                return float(sample.value)
+    raise AssertionError(f"no llmis:prompt_tokens_cached_total for {model}")
+
+
 def test_server_reports_cached_prompt_tokens(batched_server: RunningServer) -> None:
+    before = scrape_cached(batched_server, "batched")
     turn1 = messages("Name a bird.")
     first = stream_chat(batched_server, "batched", {"messages": turn1, "max_tokens": 12})
     turn2 = [*turn1, {"role": "assistant", "content": first["text"]}, *messages("Why?")]
@@ -266,6 +281,9 @@ def test_server_reports_cached_prompt_tokens(batched_server: RunningServer) -> N
     details = second["usage"]["prompt_tokens_details"]
     assert details["cached_tokens"] >= first["usage"]["prompt_tokens"]
     assert details["cached_tokens"] < second["usage"]["prompt_tokens"]
+    cached_in_usage = first["usage"]["prompt_tokens_details"]["cached_tokens"]
+    cached_in_usage += details["cached_tokens"]
+    assert scrape_cached(batched_server, "batched") - before == cached_in_usage
     # a seed turns prefix reuse off: the whole prompt is evaluated, on the unbatched path
     fresh = stream_chat(batched_server, "single", {"messages": turn2, "max_tokens": 12, "seed": 1})
     assert fresh["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
