@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import aiohttp
 
 from llmis.metrics import Metrics
+from llmis.worker import SlotStats
 from tests.conftest import OPS_ADMIN_KEY, OPS_USER_KEY, RunningServer
 from tests.ops_helpers import bearer, chat, post, sample, scrape, stream_chat
 
@@ -101,10 +102,14 @@ async def test_client_disconnect_counts_a_cancellation(ops_server: RunningServer
 
 
 def test_manager_gauges_and_evictions_are_read_at_scrape_time() -> None:
-    worker = SimpleNamespace(running=1, queued=3)
+    slots = [SlotStats(0, 7, 40), SlotStats(1, None, 25)]
+    worker = SimpleNamespace(running=1, queued=3, cached_tokens_total=12, slot_stats=lambda: slots)
     entry = SimpleNamespace(name="m1", worker=worker, predicted_bytes=100, measured_bytes=None)
     manager = SimpleNamespace(entries=lambda: [entry], evictions={"m1": 2})
     text = Metrics(manager).render().decode()  # type: ignore[arg-type]
+    assert 'llmis:prompt_tokens_cached_total{model_name="m1"} 12.0' in text
+    assert 'llamacpp:kv_cache_tokens{model_name="m1"} 65.0' in text
+    assert 'llmis:slots_busy{model_name="m1"} 1.0' in text
     assert 'vllm:num_requests_running{model_name="m1"} 1.0' in text
     assert 'vllm:num_requests_waiting{model_name="m1"} 3.0' in text
     assert 'llmis:model_memory_bytes{kind="predicted",model_name="m1"} 100.0' in text
