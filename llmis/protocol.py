@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from llmis.engine import FinishReason, SamplingParams
 
@@ -44,6 +44,19 @@ class ChatMessage(_Lenient):
     content: str | list[TextPart] | None = None
     name: str | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: object) -> object:
+        if isinstance(value, list):
+            for part in value:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise ValueError(
+                        f"content parts of type {kind!r} are not supported; "
+                        "only text parts ({'type': 'text', 'text': ...}) are"
+                    )
+        return value
+
     def as_template_message(self) -> dict[str, Any]:
         content = self.content
         if isinstance(content, list):
@@ -71,6 +84,15 @@ class _SamplingRequest(_Lenient):
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     n: int = 1
     stream: bool = False
+
+    @field_validator("n", "stream", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: object, info: ValidationInfo) -> object:
+        """Some clients send null for options they leave unset: null means the default."""
+        if value is None and info.field_name is not None:
+            return cls.model_fields[info.field_name].default
+        return value
+
     stream_options: StreamOptions | None = None
     user: str | None = None
 

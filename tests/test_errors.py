@@ -54,6 +54,12 @@ def chat(**overrides: Any) -> bytes:
         (chat(max_tokens=0), 400, "max_tokens", "invalid_value"),
         (chat(messages=[{"role": "wizard", "content": "x"}]), 400, "messages.0.role", None),
         (chat(n=2), 400, "n", "invalid_value"),
+        (
+            chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+            400,
+            "messages.0.content",
+            "invalid_value",
+        ),
         (chat(stop=[""]), 400, "stop", "invalid_value"),
         (chat(logit_bias={"abc": 1}), 400, "logit_bias", "invalid_value"),
         (chat(model="no-such-model"), 404, "model", "model_not_found"),
@@ -122,3 +128,12 @@ async def test_server_still_serves_after_bad_input(server: RunningServer) -> Non
     assert body["choices"][0]["message"]["role"] == "assistant"
     assert server.process.poll() is None
     assert "Traceback" not in server.log()
+
+
+async def test_null_for_unset_options_means_default(server: RunningServer) -> None:
+    data = chat(n=None, stream=None, temperature=None, stop=None, seed=None)
+    raw = json.loads(data)
+    raw.update({"n": None, "stream": None, "stop": None, "logit_bias": None, "user": None})
+    status, body, _ = await call(server, "POST", CHAT, json.dumps(raw).encode())
+    assert status == 200, body
+    assert body["object"] == "chat.completion"
