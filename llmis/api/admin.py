@@ -20,8 +20,9 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmis.api.middleware import read_json
+from llmis.catalog import ModelEntry
 from llmis.memory import process_rss
-from llmis.models import ModelEntry, ModelManager
+from llmis.models import ModelManager
 from llmis.state import MANAGER
 
 __all__ = ["describe", "routes"]

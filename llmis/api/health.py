@@ -6,7 +6,7 @@ import llama_cpp
 from aiohttp import web
 
 from llmis import __version__
-from llmis.models import ModelState
+from llmis.catalog import ModelState
 from llmis.state import MANAGER
 
 __all__ = ["routes"]

@@ -1,0 +1,102 @@
+"""One catalog entry: a named model, its state, its worker and what is known of its memory."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+from llmis.config import ModelSettings
+from llmis.gguf_info import GGUFInfo
+from llmis.worker import ModelWorker
+
+__all__ = ["ModelEntry", "ModelState", "Source"]
+
+
+class ModelState(str, Enum):
+    AVAILABLE = "available"
+    LOADING = "loading"
+    LOADED = "loaded"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+Source = Literal["config", "models_dir", "admin"]
+
+
+@dataclass(eq=False)
+class ModelEntry:
+    settings: ModelSettings
+    source: Source = "config"
+    state: ModelState = ModelState.AVAILABLE
+    worker: ModelWorker | None = None
+    load_task: asyncio.Task[ModelWorker] | None = None
+    unload_task: asyncio.Task[None] | None = None
+    error: str | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+    last_used: float | None = None
+    path: Path | None = None
+    info: GGUFInfo | None = None
+    predicted_bytes: int | None = None
+    measured_bytes: int | None = None
+    load_seconds: float | None = None
+    leases: int = 0
+    pinned: bool = False
+    load_evicts: bool = True
+
+    def __post_init__(self) -> None:
+        self.pinned = self.pinned or self.settings.pin
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    @property
+    def queued(self) -> int:
+        return self.worker.queued if self.worker is not None else 0
+
+    @property
+    def in_flight(self) -> int:
+        return self.worker.running if self.worker is not None else 0
+
+    @property
+    def idle(self) -> bool:
+        """No request holds it and its worker has nothing queued or running."""
+        return self.leases == 0 and (self.worker is None or not self.worker.busy)
+
+    @property
+    def ram_bytes(self) -> int:
+        """The memory it holds (or will hold): measured when known, else predicted."""
+        return self.measured_bytes or self.predicted_bytes or 0
+
+    def metadata(self) -> dict[str, Any]:
+        """GGUF facts for listings (empty before the file was read)."""
+        info = self.info
+        if info is None:
+            return {}
+        return {
+            "architecture": info.architecture,
+            "parameters": info.parameters,
+            "quantization": info.quant,
+            "context_length": info.context_length,
+            "has_chat_template": info.has_chat_template,
+            "chat_format": self.settings.chat_format,
+            "file_size": info.file_size,
+        }
+
+    def openai_object(self, id_: str | None = None) -> dict[str, Any]:
+        """This model as an OpenAI model object, plus its state and GGUF metadata."""
+        body: dict[str, Any] = {
+            "id": id_ or self.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "llmis",
+            "state": self.state.value,
+            **self.metadata(),
+        }
+        if id_ is not None and id_ != self.name:
+            body["alias_of"] = self.name
+        return body
