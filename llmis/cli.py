@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,6 +52,21 @@ def _add_tool(commands: Any, name: str, help: str, tool: ModuleType, config_help
     sub.set_defaults(func=_with_settings(tool.run))
 
 
+def _event_loop(kind: str) -> asyncio.AbstractEventLoop | None:
+    """uvloop's loop when asked for (or, for "auto", when installed); None: asyncio's own."""
+    if kind == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if kind == "uvloop":
+            raise ConfigError("server.event_loop = 'uvloop' but uvloop is not installed") from None
+        return None
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    return loop
+
+
 def _serve(args: argparse.Namespace) -> int:
     from llmis.app import create_app
 
@@ -61,6 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
     host, port = settings.server.host, settings.server.port
     web.run_app(
         create_app(settings),
+        loop=_event_loop(settings.server.event_loop),
         host=host,
         port=port,
         handler_cancellation=True,
