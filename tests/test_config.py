@@ -72,3 +72,12 @@ def test_cli_reports_config_errors_without_traceback(
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_event_loop_choice() -> None:
+    from llmis.cli import _event_loop
+
+    assert _event_loop("asyncio") is None
+    loop = _event_loop("auto")
+    assert loop is not None and type(loop).__module__.startswith("uvloop")
+    loop.close()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, smollm_config
 
 EOS_BAN = {"2": -100}
 
@@ -165,3 +166,14 @@ async def test_queue_bound_gives_429_and_others_complete(server: RunningServer) 
         else:
             assert payload["usage"]["completion_tokens"] == 4
     assert rest.endswith("data: [DONE]\n\n")
+
+
+async def test_server_on_the_plain_asyncio_loop(start_server: Callable[..., RunningServer]) -> None:
+    plain = start_server(smollm_config(extra_server='event_loop = "asyncio"'))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(plain.url + "/v1/chat/completions", json=body(max_tokens=4)) as resp,
+    ):
+        raw = await resp.read()
+    assert raw.endswith(b"data: [DONE]\n\n")
+    assert raw.count(b'"content":"') >= 2  # the role chunk and at least one token
