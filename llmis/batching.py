@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -97,17 +95,9 @@ class BatchWorker(ModelWorker):
     """
 
     def __init__(self, name: str, engine: Engine, queue_size: int, slots: int) -> None:
-        self.name = name
-        self.engine = engine
-        self.queue_size = queue_size
         self.slots = slots
-        self.prompt_tokens_total = 0
-        self.cached_tokens_total = 0
-        self._queue: deque[Job | CallJob] = deque()
-        self._cond = threading.Condition()
         self._slots = [_Slot(i) for i in range(slots)]
         self._calls_running = 0
-        self._closing = False
         self._uses = 0
         llm = engine.llm
         params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
@@ -121,8 +111,8 @@ class BatchWorker(ModelWorker):
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         self._vocab = llm._model.vocab
         self._n_vocab = llm.n_vocab()
-        self._thread = threading.Thread(target=self._run, name=f"llmis-{name}", daemon=True)
-        self._thread.start()
+        # the shared queue state, then the thread (which runs this class's _run)
+        super().__init__(name, engine, queue_size)
 
     # ----- event-loop side -----
 
