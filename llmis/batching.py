@@ -110,7 +110,6 @@ class BatchWorker(ModelWorker):
         self._n_batch = int(params.n_batch)
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         self._vocab = llm._model.vocab
-        self._n_vocab = llm.n_vocab()
         # the shared queue state, then the thread (which runs this class's _run)
         super().__init__(name, engine, queue_size)
 
@@ -226,7 +225,7 @@ class BatchWorker(ModelWorker):
         slot.pending = prompt[keep:]
         slot.cached = keep
         slot.next_token = None
-        slot.sampler = build_sampler(job.params, self._n_vocab)
+        slot.sampler = build_sampler(job.params, self._vocab)
         slot.out = TextStream(self._vocab, job.params)
         self._uses += 1
         slot.last_used = self._uses

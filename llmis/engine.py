@@ -65,6 +65,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logit_bias: dict[int, float] = field(default_factory=dict)
+    grammar: str | None = None  # GBNF with a 'root' rule (response_format)
 
 
 @dataclass(frozen=True)
@@ -97,11 +98,24 @@ def token_piece(vocab: llama_cpp.llama_vocab_p, token: int) -> bytes:
     return buf.raw[:n]
 
 
-def build_sampler(params: SamplingParams, n_vocab: int) -> _internals.LlamaSampler:
+def build_sampler(
+    params: SamplingParams, vocab: llama_cpp.llama_vocab_p
+) -> _internals.LlamaSampler:
     """A native llama.cpp sampler chain for ``params`` (the caller closes it)."""
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
     sampler = _internals.LlamaSampler()
     if params.logit_bias:
         sampler.add_logit_bias(n_vocab, params.logit_bias)
+    if params.grammar is not None:
+        grammar = llama_cpp.llama_sampler_init_grammar(
+            vocab, params.grammar.encode("utf-8"), b"root"
+        )
+        if not grammar:
+            sampler.close()
+            raise BadRequestError(
+                "the response_format grammar could not be parsed", param="response_format"
+            )
+        llama_cpp.llama_sampler_chain_add(sampler.sampler, grammar)
     if (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (
         1.0,
         0.0,
@@ -275,6 +289,17 @@ class Engine:
             result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True
         )
 
+    def check_grammar(self, grammar: str | None) -> None:
+        """Raise a 400 unless llama.cpp parses ``grammar`` (GBNF, 'root' rule)."""
+        if grammar is None:
+            return
+        parsed = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+        if not parsed:
+            raise BadRequestError(
+                "the response_format grammar could not be parsed", param="response_format"
+            )
+        llama_cpp.llama_sampler_free(parsed)
+
     def text_prompt(self, prompt: str) -> list[int]:
         return self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
 
@@ -347,7 +372,7 @@ class Engine:
         return list(prompt[keep:])
 
     def _sampler(self, params: SamplingParams) -> _internals.LlamaSampler:
-        return build_sampler(params, self.llm.n_vocab())
+        return build_sampler(params, self._vocab)
 
     def generate(
         self,

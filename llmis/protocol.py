@@ -7,11 +7,21 @@ OpenAI options keep working.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from llmis.engine import FinishReason, SamplingParams
 
@@ -65,6 +75,37 @@ class ChatMessage(_Lenient):
         return {"role": role, "content": content or ""}
 
 
+class JsonSchemaSpec(_Lenient):
+    name: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    """OpenAI's ``response_format``: JSON output is enforced with a llama.cpp grammar."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+    _grammar: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _to_grammar(self) -> ResponseFormat:
+        if self.type == "json_object":
+            self._grammar = JSON_GBNF
+        elif self.type == "json_schema":
+            if self.json_schema is None:
+                raise ValueError("type 'json_schema' needs a 'json_schema' object with a 'schema'")
+            try:
+                self._grammar = json_schema_to_gbnf(json.dumps(self.json_schema.json_schema))
+            except Exception as exc:  # the converter raises bare exceptions on bad schemas
+                raise ValueError(f"this JSON schema cannot be enforced: {exc}") from None
+        return self
+
+    @property
+    def grammar(self) -> str | None:
+        return self._grammar
+
+
 class StreamOptions(_Lenient):
     include_usage: bool = False
 
@@ -95,6 +136,19 @@ class _SamplingRequest(_Lenient):
 
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
+        if value:
+            raise ValueError(
+                "tool and function calling are not supported by this server; "
+                "use response_format with a JSON schema for structured output"
+            )
+        return value
 
     @field_validator("n")
     @classmethod
@@ -141,6 +195,7 @@ class _SamplingRequest(_Lenient):
             seed=self.seed,
             stop=stop,
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+            grammar=self.response_format.grammar if self.response_format else None,
         )
 
 

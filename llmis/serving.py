@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 
-from llmis.engine import FinishReason
+from llmis.engine import Engine, FinishReason
 from llmis.errors import APIError, BadRequestError
 from llmis.models import ModelManager
 from llmis.oversight import Guard
@@ -61,6 +61,15 @@ class Result:
     cached_tokens: int = 0
 
 
+async def _check_grammar(
+    engine: Engine, request: ChatCompletionRequest | CompletionRequest
+) -> None:
+    """A response_format grammar llama.cpp cannot parse is a 400 before anything is queued."""
+    if request.response_format is not None and request.response_format.grammar is not None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, engine.check_grammar, request.response_format.grammar)
+
+
 async def start_chat(manager: ModelManager, request: ChatCompletionRequest) -> Generation:
     guard = Guard.current(manager.settings, request.model)
     messages = [m.as_template_message() for m in request.messages]
@@ -71,6 +80,7 @@ async def start_chat(manager: ModelManager, request: ChatCompletionRequest) -> G
         engine = worker.engine
         engine.check_generates(request.model)
         loop = asyncio.get_running_loop()
+        await _check_grammar(engine, request)
         prompt = await loop.run_in_executor(None, engine.chat_prompt, messages)
         limit = guard.max_tokens(len(prompt), request.token_limit, "messages")
         max_tokens = guard.clamp(engine.check_context(len(prompt), limit, "messages"), limit)
@@ -112,6 +122,7 @@ async def _submit_completion(
                 out.append(list(prompt))
         return out
 
+    await _check_grammar(engine, request)
     prompts = await loop.run_in_executor(None, tokenize_all)
     jobs = []
     for p in prompts:

@@ -285,6 +285,8 @@ class ModelWorker:
                     )
         except GenerationCancelled:
             logger.debug("job %s cancelled during prompt evaluation", job.id)
+        except APIError as exc:  # a request problem found late (e.g. its grammar)
+            job.emit(Failed(exc))
         except Exception:
             logger.exception("generation failed in model %s", self.name)
             job.emit(Failed(APIError("generation failed; see the server log")))

@@ -297,3 +297,16 @@ def test_server_unbatched_path_reports_cached_prompt_tokens(batched_server: Runn
     second = stream_chat(batched_server, "single", {"messages": turn2, "max_tokens": 12})
     cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert first["usage"]["prompt_tokens"] <= cached < second["usage"]["prompt_tokens"]
+
+
+def test_server_batched_path_enforces_response_format(batched_server: RunningServer) -> None:
+    schema = {"type": "object", "properties": {"n": {"enum": [1, 2, 3]}}, "required": ["n"]}
+    body = {
+        "messages": messages("Pick a number."),
+        "max_tokens": 30,
+        "response_format": {"type": "json_schema", "json_schema": {"schema": schema}},
+    }
+    batched = stream_chat(batched_server, "batched", body)
+    single = stream_chat(batched_server, "single", body)
+    assert json.loads(batched["text"])["n"] in {1, 2, 3}
+    assert batched["text"] == single["text"]

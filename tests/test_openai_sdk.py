@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 from llama_cpp import Llama
@@ -165,3 +167,64 @@ def test_logit_bias_forces_a_token(client: openai.OpenAI) -> None:
         model="smollm2", prompt="Hello", max_tokens=3, temperature=0, logit_bias={str(token): 100}
     )
     assert out.choices[0].text == "==="
+
+
+def test_response_format_json_schema_is_enforced(client: openai.OpenAI) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"colour": {"enum": ["red", "green", "blue"]}},
+        "required": ["colour"],
+    }
+    out = client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Pick a colour of the sky."}],
+        max_tokens=40,
+        temperature=0,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "pick", "schema": schema, "strict": True},
+        },
+    )
+    content = out.choices[0].message.content
+    assert content is not None
+    assert json.loads(content)["colour"] in {"red", "green", "blue"}
+    assert out.choices[0].finish_reason == "stop"  # the grammar completed, then end of text
+
+
+def test_response_format_json_object_streams_json(client: openai.OpenAI) -> None:
+    chunks = client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Give a JSON object describing a cat."}],
+        max_tokens=24,
+        temperature=0,
+        response_format={"type": "json_object"},
+        stream=True,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.lstrip().startswith("{")  # 24 tokens may cut it, but it is JSON from the start
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+            "tools",
+        ),
+    ],
+)
+def test_unsupported_or_bad_structured_output_requests(
+    client: openai.OpenAI, extra: dict[str, object], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=2,
+            extra_body=extra,
+        )
+    assert info.value.status_code == 400
+    body = info.value.body
+    assert isinstance(body, dict) and body["param"] == param
