@@ -15,8 +15,9 @@ in one pass is a 400 unless the caller asks for truncation (``llmis index`` does
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,6 +37,7 @@ __all__ = [
     "acquire_embedder",
     "embed",
     "embed_on_worker",
+    "lease_embedder",
     "max_input_tokens",
     "normalise",
     "truncate_dimensions",
@@ -196,8 +198,8 @@ def embed(
     return Embeddings(vectors, sum(len(s) for s in seqs), truncated)
 
 
-async def acquire_embedder(manager: ModelManager, model: str) -> tuple[ModelWorker, Pooling]:
-    """The worker of ``model`` if its config serves embeddings; otherwise a clear 400."""
+def _embedding_pooling(manager: ModelManager, model: str) -> Pooling:
+    """``model``'s pooling if its config serves embeddings; otherwise a clear 400."""
     settings = manager.entry(model).settings
     if not settings.embedding:
         raise BadRequestError(
@@ -206,7 +208,27 @@ async def acquire_embedder(manager: ModelManager, model: str) -> tuple[ModelWork
             param="model",
             code="embeddings_not_supported",
         )
-    return await manager.acquire(model), settings.pooling
+    return settings.pooling
+
+
+async def acquire_embedder(manager: ModelManager, model: str) -> tuple[ModelWorker, Pooling]:
+    """The worker of an embedding ``model``.
+
+    Only safe where nothing can evict it before the caller's job is queued: a manager nobody
+    else uses (``llmis index``), or a caller that queues its job before its next ``await``.
+    """
+    pooling = _embedding_pooling(manager, model)
+    return await manager.acquire(model), pooling
+
+
+@contextlib.asynccontextmanager
+async def lease_embedder(
+    manager: ModelManager, model: str
+) -> AsyncIterator[tuple[ModelWorker, Pooling]]:
+    """The worker of an embedding ``model``, never evicted while the request holds it."""
+    pooling = _embedding_pooling(manager, model)
+    async with manager.lease(model) as worker:
+        yield worker, pooling
 
 
 async def embed_on_worker(

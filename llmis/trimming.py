@@ -105,8 +105,8 @@ async def start_trimmed_chat(
     try:
         return await start_chat(manager, request), 0
     except ContextOverflowError:
-        worker = await manager.acquire(request.model)
-        trimmed = await trim_request(worker, request)
+        async with manager.lease(request.model) as worker:  # not evicted while counting
+            trimmed = await trim_request(worker, request)
         if trimmed.dropped == 0:
             raise
     generation = await start_chat(

@@ -17,7 +17,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmis.api.middleware import read_json
-from llmis.embeddings import acquire_embedder, embed_on_worker, truncate_dimensions
+from llmis.embeddings import embed_on_worker, lease_embedder, truncate_dimensions
 from llmis.protocol import as_batch
 from llmis.state import MANAGER
 
@@ -82,22 +82,22 @@ def _encode(vector: Any, encoding_format: str) -> list[float] | str:
 @routes.post("/v1/embeddings")
 async def create_embeddings(request: web.Request) -> web.Response:
     req = EmbeddingRequest.model_validate(await read_json(request))
-    worker, pooling = await acquire_embedder(request.app[MANAGER], req.model)
-    inputs = req.inputs()
-    data: list[dict[str, Any]] = []
-    tokens = 0
-    for start in range(0, len(inputs), CHUNK):
-        result = await embed_on_worker(worker, inputs[start : start + CHUNK], pooling=pooling)
-        tokens += result.prompt_tokens
-        vectors = truncate_dimensions(result.vectors, req.dimensions)
-        data.extend(
-            {
-                "object": "embedding",
-                "index": start + i,
-                "embedding": _encode(v, req.encoding_format),
-            }
-            for i, v in enumerate(vectors)
-        )
+    async with lease_embedder(request.app[MANAGER], req.model) as (worker, pooling):
+        inputs = req.inputs()
+        data: list[dict[str, Any]] = []
+        tokens = 0
+        for start in range(0, len(inputs), CHUNK):
+            result = await embed_on_worker(worker, inputs[start : start + CHUNK], pooling=pooling)
+            tokens += result.prompt_tokens
+            vectors = truncate_dimensions(result.vectors, req.dimensions)
+            data.extend(
+                {
+                    "object": "embedding",
+                    "index": start + i,
+                    "embedding": _encode(v, req.encoding_format),
+                }
+                for i, v in enumerate(vectors)
+            )
     return web.json_response(
         {
             "object": "list",
