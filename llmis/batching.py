@@ -28,7 +28,7 @@ import llama_cpp
 from llama_cpp import _internals
 
 from llmis.engine import Engine, TextStream, build_sampler
-from llmis.errors import APIError, ModelUnavailableError, QueueFullError
+from llmis.errors import APIError
 from llmis.worker import (
     CallJob,
     Delta,
@@ -131,16 +131,8 @@ class BatchWorker(ModelWorker):
             for s in self._slots
         ]
 
-    def submit(self, jobs: Sequence[Job | CallJob]) -> None:
-        """Queue ``jobs`` all together, or none of them when the queue cannot take them all."""
-        with self._cond:
-            if self._closing:
-                raise ModelUnavailableError(f"model '{self.name}' is being unloaded")
-            idle = sum(s.job is None for s in self._slots)
-            if len(jobs) > self.queue_size - len(self._queue) + idle:
-                raise QueueFullError(self.name, self.queue_size)
-            self._queue.extend(jobs)
-            self._cond.notify_all()
+    def _idle_slots(self) -> int:
+        return sum(s.job is None for s in self._slots)
 
     # ----- worker-thread side -----
 

@@ -16,7 +16,7 @@ import codecs
 import ctypes
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -324,9 +324,6 @@ class Engine:
             )
         return max_tokens
 
-    def token_piece(self, token: int) -> bytes:
-        return token_piece(self._vocab, token)
-
     # ----- generation (worker thread only) -----
 
     def _should_abort(self, _data: ctypes.c_void_p) -> bool:
@@ -371,15 +368,11 @@ class Engine:
         self.reused_tokens = keep
         return list(prompt[keep:])
 
-    def _sampler(self, params: SamplingParams) -> _internals.LlamaSampler:
-        return build_sampler(params, self._vocab)
-
     def generate(
         self,
         prompt: Sequence[int],
         params: SamplingParams,
         cancel: threading.Event,
-        on_prompt_done: Callable[[], None] | None = None,
     ) -> Iterator[Step]:
         """Yield :class:`Step` s; the last one has a ``finish_reason``.
 
@@ -387,11 +380,9 @@ class Engine:
         :class:`GenerationCancelled` when cancelled during prompt evaluation.
         """
         self._cancel = cancel
-        sampler = self._sampler(params)
+        sampler = build_sampler(params, self._vocab)
         try:
             self._eval(self._reuse_prefix(prompt, reuse=params.seed is None))
-            if on_prompt_done is not None:
-                on_prompt_done()
             out = TextStream(self._vocab, params)
             while not cancel.is_set():
                 token = sampler.sample(self.llm._ctx, -1)

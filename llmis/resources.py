@@ -17,7 +17,7 @@ from pathlib import Path
 
 from llmis.errors import ModelFileError
 
-__all__ = ["resolve_resource", "safe_model_path"]
+__all__ = ["distribution_file", "resolve_resource", "safe_model_path"]
 
 logger = logging.getLogger(__name__)
 _assemble_lock = threading.Lock()
@@ -27,6 +27,16 @@ def _top_level_modules(dist: importlib.metadata.Distribution) -> list[str]:
     text = dist.read_text("top_level.txt") or ""
     names = [line.strip() for line in text.splitlines() if line.strip()]
     return names or [dist.metadata["Name"].replace("-", "_")]
+
+
+def distribution_file(dist: importlib.metadata.Distribution, inner: str) -> Path | None:
+    """The installed file ``inner`` (a path in the distribution, or its tail) of ``dist``."""
+    for file in dist.files or ():
+        if str(file) == inner or (inner and str(file).endswith("/" + inner)):
+            located = Path(str(file.locate()))
+            if located.is_file():
+                return located
+    return None
 
 
 def resolve_resource(resource: str, models_dir: Path) -> Path:
@@ -39,11 +49,9 @@ def resolve_resource(resource: str, models_dir: Path) -> Path:
             f"package {dist_name!r} is not installed (needed for resource {resource!r}); "
             f"install it with: pip install {dist_name}"
         ) from None
-    for file in dist.files or ():
-        if str(file) == inner or (inner and str(file).endswith("/" + inner)):
-            located = Path(str(file.locate()))
-            if located.is_file():
-                return located
+    located = distribution_file(dist, inner)
+    if located is not None:
+        return located
     target = models_dir / ".assembled" / Path(inner).name
     if target.is_file():
         return target

@@ -32,19 +32,16 @@ class Generation:
     model: str
     worker: ModelWorker
     jobs: Sequence[Job]
-    guard: Guard | None = None
+    guard: Guard
 
     def cancel(self) -> None:
         for job in self.jobs:
             if not job.done:
                 self.worker.cancel(job)
-                if self.guard is not None:
-                    self.guard.cancelled(job)
+                self.guard.cancelled(job)
 
     def events(self, job: Job, keepalive: float | None = None) -> AsyncIterator[JobEvent | None]:
         """``job``'s events; ``None`` after ``keepalive`` s of silence (send a ping)."""
-        if self.guard is None:
-            return job.stream(keepalive)
         return self.guard.events(job, self.worker.cancel, keepalive)
 
     async def collect(self, job: Job) -> Result:

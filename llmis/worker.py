@@ -191,13 +191,16 @@ class ModelWorker:
         finally:
             self.cancel(job)
 
+    def _idle_slots(self) -> int:
+        """Jobs that can start at once, beyond the queue (call with the lock held)."""
+        return 1 if self._running is None else 0
+
     def submit(self, jobs: Sequence[Job | CallJob]) -> None:
         """Queue ``jobs`` all together, or none of them when the queue cannot take them all."""
         with self._cond:
             if self._closing:
                 raise ModelUnavailableError(f"model '{self.name}' is being unloaded")
-            free = self.queue_size - len(self._queue) + (1 if self._running is None else 0)
-            if len(jobs) > free:
+            if len(jobs) > self.queue_size - len(self._queue) + self._idle_slots():
                 raise QueueFullError(self.name, self.queue_size)
             self._queue.extend(jobs)
             self._cond.notify_all()

