@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from llmis.config import ModelSettings
 from llmis.gguf_info import GGUFInfo
-from llmis.worker import ModelWorker
+from llmis.scheduler import Scheduler
 
 __all__ = ["ModelEntry", "ModelState", "Source"]
 
@@ -32,8 +32,8 @@ class ModelEntry:
     settings: ModelSettings
     source: Source = "config"
     state: ModelState = ModelState.AVAILABLE
-    worker: ModelWorker | None = None
-    load_task: asyncio.Task[ModelWorker] | None = None
+    worker: Scheduler | None = None
+    load_task: asyncio.Task[Scheduler] | None = None
     unload_task: asyncio.Task[None] | None = None
     error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
@@ -46,6 +46,9 @@ class ModelEntry:
     leases: int = 0
     pinned: bool = False
     load_evicts: bool = True
+    failures: int = 0  # failed loads in a row (backoff)
+    retry_at: float = 0.0  # monotonic time before which a failed model is not reloaded
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # a lease was released
 
     def __post_init__(self) -> None:
         self.pinned = self.pinned or self.settings.pin

@@ -28,7 +28,7 @@ from numpy.typing import NDArray
 from llmis.engine import Engine
 from llmis.errors import APIError, BadRequestError, ContextOverflowError
 from llmis.models import ModelManager
-from llmis.worker import ModelWorker
+from llmis.scheduler import Scheduler
 
 __all__ = [
     "EmbeddingInput",
@@ -76,9 +76,20 @@ def truncate_dimensions(
     return normalise(np.ascontiguousarray(vectors[:, :dimensions]))
 
 
+def _embedder(engine: Engine) -> llama_cpp.Llama:
+    """The model's embedding context; a 400 for a model not loaded for embeddings."""
+    if engine.llm is None:
+        raise BadRequestError(
+            "this model was not loaded for embeddings; set embedding = true in its config",
+            param="model",
+            code="embeddings_not_supported",
+        )
+    return engine.llm
+
+
 def max_input_tokens(engine: Engine) -> int:
     """The longest input one forward pass takes: context, batch, micro-batch, trained length."""
-    llm = engine.llm
+    llm = _embedder(engine)
     limits = [llm.n_ctx(), llm.n_batch, llm.context_params.n_ubatch]
     trained = llm._model.n_ctx_train()
     if trained > 0:
@@ -89,7 +100,7 @@ def max_input_tokens(engine: Engine) -> int:
 def _tokenize(
     engine: Engine, inputs: Sequence[EmbeddingInput], truncate: bool
 ) -> tuple[list[list[int]], int]:
-    llm = engine.llm
+    llm = _embedder(engine)
     n_vocab = llm.n_vocab()
     limit = max_input_tokens(engine)
     out: list[list[int]] = []
@@ -130,7 +141,7 @@ def _decode(
     engine: Engine, seqs: Sequence[Sequence[int]], pooling: Pooling
 ) -> list[NDArray[np.float32]]:
     """One llama.cpp batch of whole sequences -> one raw (unnormalised) vector per sequence."""
-    llm = engine.llm
+    llm = _embedder(engine)
     ctx = llm._ctx
     n_embd = llm.n_embd()
     batch = llm._batch
@@ -173,13 +184,7 @@ def embed(
     truncate: bool = False,
 ) -> Embeddings:
     """Embed ``inputs`` (texts or token-id lists). Blocking: call it on the worker thread."""
-    llm = engine.llm
-    if not llm.context_params.embeddings:
-        raise BadRequestError(
-            "this model was not loaded for embeddings; set embedding = true in its config",
-            param="model",
-            code="embeddings_not_supported",
-        )
+    llm = _embedder(engine)
     seqs, truncated = _tokenize(engine, inputs, truncate)
     n_batch = llm.n_batch
     n_seq_max = max(1, int(llm.context_params.n_seq_max))
@@ -211,7 +216,7 @@ def _embedding_pooling(manager: ModelManager, model: str) -> Pooling:
     return settings.pooling
 
 
-async def acquire_embedder(manager: ModelManager, model: str) -> tuple[ModelWorker, Pooling]:
+async def acquire_embedder(manager: ModelManager, model: str) -> tuple[Scheduler, Pooling]:
     """The worker of an embedding ``model``.
 
     Only safe where nothing can evict it before the caller's job is queued: a manager nobody
@@ -224,7 +229,7 @@ async def acquire_embedder(manager: ModelManager, model: str) -> tuple[ModelWork
 @contextlib.asynccontextmanager
 async def lease_embedder(
     manager: ModelManager, model: str
-) -> AsyncIterator[tuple[ModelWorker, Pooling]]:
+) -> AsyncIterator[tuple[Scheduler, Pooling]]:
     """The worker of an embedding ``model``, never evicted while the request holds it."""
     pooling = _embedding_pooling(manager, model)
     async with manager.lease(model) as worker:
@@ -232,7 +237,7 @@ async def lease_embedder(
 
 
 async def embed_on_worker(
-    worker: ModelWorker,
+    worker: Scheduler,
     inputs: Sequence[EmbeddingInput],
     *,
     pooling: Pooling = "mean",

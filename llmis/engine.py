@@ -1,20 +1,32 @@
-"""One loaded GGUF model and its generation loop (blocking; runs on the model's worker thread).
+"""One loaded GGUF model and the llama.cpp pieces its scheduler generates with.
 
-The loop is built from llama-cpp-python's pieces rather than ``Llama.create_completion`` so that
-it can count tokens exactly, stop between any two tokens, apply ``logit_bias`` natively and
-report a truthful ``finish_reason``:
+:class:`Engine` holds the model's weights, vocabulary and chat template, and nothing that
+generates: a generating model's only llama context is the one its scheduler creates with
+:meth:`Engine.create_context` (``n_seq_max`` = slots, one KV stream per slot). Tokenizing,
+detokenizing and rendering a chat template need only the vocabulary, so they run on any
+thread; :meth:`Engine.close` waits for every such thread before it frees the model. An
+embedding model also holds its embedding context (``Engine.llm``), driven by its scheduler's
+thread only.
 
-* prompt-prefix reuse: tokens already in the KV cache from the previous job are kept;
-* a native llama.cpp sampler chain per job (logit bias, penalties, top-k, top-p, min-p, temp);
-* stop strings are matched on decoded text, holding back any tail that could start one;
-* llama.cpp's abort callback stops a long prompt evaluation when the job is cancelled.
+The per-sequence pieces live here too:
+
+* :class:`Sampler`, a native llama.cpp sampler chain (logit bias, penalties, top-k, top-p,
+  min-p, temperature, seeded dist). A ``response_format`` grammar is kept out of the chain:
+  llama.cpp aborts the whole process when a grammar is made to accept a token it rejects,
+  and other samplers in a chain can pick one (a NaN from an extreme penalty, a top-k that
+  cuts every allowed token). The grammar filters the candidates first, the chain samples
+  among what is left, and a token is accepted only after the grammar allowed it.
+* :class:`TextStream`, which turns sampled tokens into text, matching stop strings on the
+  decoded text and holding back any tail that could start one.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import logging
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,32 +34,47 @@ from pathlib import Path
 from typing import Any, Literal
 
 import llama_cpp
+import numpy as np
 from llama_cpp import _internals, llama_chat_format
+from llama_cpp._logger import llama_log_callback as _default_log_callback
+from llama_cpp._logger import set_verbose as _set_llama_verbose
 
-from llmis.errors import BadRequestError, ContextOverflowError, ModelFileError
+from llmis.errors import APIError, BadRequestError, ContextOverflowError, ModelFileError
 
 __all__ = [
-    "ABORT_MIN_TOKENS",
     "Engine",
     "FinishReason",
-    "GenerationCancelled",
+    "FlashAttention",
+    "GenerationContext",
+    "Sampler",
+    "SamplingError",
     "SamplingParams",
     "Step",
     "TextStream",
-    "build_sampler",
     "token_piece",
 ]
 
 logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "content_filter"]
-# Prompt suffixes shorter than this are evaluated without the abort callback: the callback
-# is a Python call per graph node, cheap once but not on every single-token decode.
-ABORT_MIN_TOKENS = 32
+FlashAttention = Literal["auto", "on", "off"]
+_FLASH_ATTN_TYPE = {
+    "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+# llama.cpp's log line for every KV buffer it allocates (llama-kv-cache.cpp)
+_KV_BUFFER = re.compile(r"KV buffer size\s*=\s*([0-9.]+)\s*MiB")
+# how llama.cpp reports its choice for flash_attn = auto ("Flash Attention enabled")
+_FLASH_RESOLVED = re.compile(r"(?i)flash[ _]?att")
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
 
 
-class GenerationCancelled(Exception):
-    """The job was cancelled while llama.cpp was evaluating its prompt."""
+class SamplingError(APIError):
+    """A sequence could not be sampled (its grammar allows no token); only it fails."""
+
+    status = 400
+    type = "invalid_request_error"
 
 
 @dataclass(frozen=True)
@@ -98,46 +125,99 @@ def token_piece(vocab: llama_cpp.llama_vocab_p, token: int) -> bytes:
     return buf.raw[:n]
 
 
-def build_sampler(
-    params: SamplingParams, vocab: llama_cpp.llama_vocab_p
-) -> _internals.LlamaSampler:
-    """A native llama.cpp sampler chain for ``params`` (the caller closes it)."""
-    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
-    sampler = _internals.LlamaSampler()
-    if params.logit_bias:
-        sampler.add_logit_bias(n_vocab, params.logit_bias)
-    if params.grammar is not None:
-        grammar = llama_cpp.llama_sampler_init_grammar(
-            vocab, params.grammar.encode("utf-8"), b"root"
+def _parse_grammar(vocab: llama_cpp.llama_vocab_p, grammar: str) -> llama_cpp.llama_sampler_p:
+    parsed = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+    if not parsed:
+        raise BadRequestError(
+            "the response_format grammar could not be parsed", param="response_format"
         )
-        if not grammar:
-            sampler.close()
-            raise BadRequestError(
-                "the response_format grammar could not be parsed", param="response_format"
+    return parsed  # type: ignore[no-any-return]
+
+
+class Sampler:
+    """One sequence's sampling state: a native chain, and its grammar kept apart (see above).
+
+    Not thread-safe: the scheduler thread samples; :meth:`close` frees the native objects.
+    """
+
+    def __init__(self, params: SamplingParams, vocab: llama_cpp.llama_vocab_p) -> None:
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
+        chain = _internals.LlamaSampler()
+        if params.logit_bias:
+            chain.add_logit_bias(self.n_vocab, params.logit_bias)
+        if (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (
+            1.0,
+            0.0,
+            0.0,
+        ):
+            chain.add_penalties(
+                n_vocab=self.n_vocab,
+                penalty_last_n=64,
+                penalty_repeat=params.repeat_penalty,
+                penalty_freq=params.frequency_penalty,
+                penalty_present=params.presence_penalty,
             )
-        llama_cpp.llama_sampler_chain_add(sampler.sampler, grammar)
-    if (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (
-        1.0,
-        0.0,
-        0.0,
-    ):
-        sampler.add_penalties(
-            n_vocab=n_vocab,
-            penalty_last_n=64,
-            penalty_repeat=params.repeat_penalty,
-            penalty_freq=params.frequency_penalty,
-            penalty_present=params.presence_penalty,
+        if params.temperature <= 0:
+            chain.add_greedy()
+        else:
+            chain.add_top_k(params.top_k)
+            chain.add_top_p(params.top_p, 1)
+            chain.add_min_p(params.min_p, 1)
+            chain.add_temp(params.temperature)
+            seed = params.seed if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
+            chain.add_dist(seed & 0xFFFFFFFF)
+        self._chain = chain
+        self._grammar: llama_cpp.llama_sampler_p | None = None
+        self._candidates: np.ndarray[Any, Any] | None = None
+        if params.grammar is not None:
+            try:
+                self._grammar = _parse_grammar(vocab, params.grammar)
+            except APIError:
+                chain.close()
+                raise
+            self._candidates = np.zeros(self.n_vocab, dtype=_TOKEN_DATA)
+
+    def sample(self, ctx: llama_cpp.llama_context_p, index: int) -> int:
+        """Sample (and accept) the next token from the logits at batch ``index``."""
+        if self._grammar is None:
+            return int(llama_cpp.llama_sampler_sample(self._chain.sampler, ctx, index))
+        cand = self._candidates
+        assert cand is not None
+        logits = llama_cpp.llama_get_logits_ith(ctx, index)
+        cand["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        cand["logit"] = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+        cand["p"] = 0.0
+        array = llama_cpp.llama_token_data_array(
+            data=cand.ctypes.data_as(llama_cpp.llama_token_data_p),
+            size=self.n_vocab,
+            selected=-1,
+            sorted=False,
         )
-    if params.temperature <= 0:
-        sampler.add_greedy()
-    else:
-        sampler.add_top_k(params.top_k)
-        sampler.add_top_p(params.top_p, 1)
-        sampler.add_min_p(params.min_p, 1)
-        sampler.add_temp(params.temperature)
-        seed = params.seed if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
-        sampler.add_dist(seed & 0xFFFFFFFF)
-    return sampler
+        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(array))
+        allowed = cand["logit"].copy()  # rejected tokens are -inf now; ids are still 0..n-1
+        if not np.isfinite(allowed).any():
+            raise SamplingError(
+                "the response_format grammar allows no token here; the generation was stopped",
+                param="response_format",
+                code="grammar_dead_end",
+            )
+        llama_cpp.llama_sampler_apply(self._chain.sampler, ctypes.byref(array))
+        token = -1
+        if 0 <= array.selected < array.size:
+            token = int(cand["id"][array.selected])
+        if not (0 <= token < self.n_vocab and np.isfinite(allowed[token])):
+            # the chain picked a token the grammar rejects (NaN weights, or a truncation
+            # that left no allowed candidate): take the most likely allowed one instead
+            token = int(np.argmax(np.where(np.isfinite(allowed), allowed, -np.inf)))
+        llama_cpp.llama_sampler_accept(self._chain.sampler, token)
+        llama_cpp.llama_sampler_accept(self._grammar, token)
+        return token
+
+    def close(self) -> None:
+        self._chain.close()
+        if self._grammar is not None:
+            llama_cpp.llama_sampler_free(self._grammar)
+            self._grammar = None
 
 
 class TextStream:
@@ -180,8 +260,43 @@ class TextStream:
         return Step(text[sent:end], self.completion_tokens)
 
 
+@dataclass(eq=False)
+class GenerationContext:
+    """A llama context for ``n_seq`` sequences of ``n_ctx_seq`` cells each (its creator
+    frees it with :meth:`close`, on the thread that decodes with it)."""
+
+    ctx: llama_cpp.llama_context_p
+    n_seq: int
+    n_ctx_seq: int
+    n_batch: int
+    kv_bytes: int  # what llama.cpp allocated for the KV cache
+    flash_attn: bool
+
+    freed: bool = False
+
+    def close(self) -> None:
+        if not self.freed:
+            self.freed = True
+            llama_cpp.llama_free(self.ctx)
+
+
+@contextlib.contextmanager
+def _llama_log(lines: list[str]) -> Iterator[None]:
+    """Collect llama.cpp's log lines (it reports allocations only there) while in the block."""
+
+    def collect(_level: int, text: bytes, _data: ctypes.c_void_p) -> None:
+        lines.append(text.decode("utf-8", "replace"))
+
+    callback = llama_cpp.llama_log_callback(collect)
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(_default_log_callback, ctypes.c_void_p(0))
+
+
 class Engine:
-    """A llama.cpp model + context. Not thread-safe: one worker thread drives it."""
+    """A loaded model (weights, vocabulary, chat template); see the module docstring."""
 
     def __init__(
         self,
@@ -193,37 +308,62 @@ class Engine:
         threads: int | None = None,
         chat_format: str | None = None,
         embedding: bool = False,
-        flash_attn: bool = False,
+        flash_attn: FlashAttention = "auto",
     ) -> None:
         self.path = path
+        self.n_batch = n_batch
+        self.threads = threads or 1
+        # auto: llama.cpp's choice where layers are offloaded; on the CPU, off. The CPU flash
+        # attention kernel gives results that depend on how a batch is cut into micro-batches,
+        # which would make a seeded request's output depend on the prompt cache and on the
+        # other requests in flight; without it every prompt chunk and decode row is
+        # bit-identical however it is batched (tests/test_scheduler.py checks both).
+        self.flash_attn: FlashAttention = (
+            "off" if flash_attn == "auto" and n_gpu_layers == 0 else flash_attn
+        )
+        self.embedding = embedding
+        self.llm: llama_cpp.Llama | None = None
+        self._users = 0
+        self._users_cond = threading.Condition()
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(path),
-                n_ctx=n_ctx,
-                n_batch=n_batch,
-                n_gpu_layers=n_gpu_layers,
-                n_threads=threads,
-                n_threads_batch=threads,
-                embedding=embedding,
-                flash_attn=flash_attn,
-                verbose=False,
-            )
+            if embedding:
+                self.llm = llama_cpp.Llama(
+                    model_path=str(path),
+                    n_ctx=n_ctx,
+                    n_batch=n_batch,
+                    n_gpu_layers=n_gpu_layers,
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    embedding=True,
+                    verbose=False,
+                )
+                self.model: _internals.LlamaModel = self.llm._model
+            else:
+                llama_cpp.llama_backend_init()  # idempotent; llama-cpp-python does it per Llama
+                _set_llama_verbose(False)  # llama.cpp's log: errors only, as Llama(verbose=False)
+                params = llama_cpp.llama_model_default_params()
+                params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers
+                self.model = _internals.LlamaModel(
+                    path_model=str(path), params=params, verbose=False
+                )
         except (ValueError, RuntimeError) as exc:
-            raise ModelFileError(f"cannot load {path.name}: {exc}") from None
-        # llama.cpp may round the context up; llama-cpp-python's token buffers keep the
-        # requested size, so the smaller of the two is what a request can use.
-        self.n_ctx: int = min(int(self.llm.n_ctx()), int(self.llm.context_params.n_ctx))
-        self._vocab = self.llm._model.vocab
-        self.reused_tokens = 0  # prompt tokens the last generate() took from the KV cache
-        self._cancel: threading.Event | None = None
-        self._abort_cb = llama_cpp.ggml_abort_callback(self._should_abort)
-        self._abort_installed = False
+            raise ModelFileError(f"cannot load {path.name}: {_short(exc)}") from None
+        self.vocab = self.model.vocab
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.metadata: dict[str, str] = self.model.metadata()
+        # A request can use n_ctx tokens; the generation context rounds it up (to 256), and an
+        # embedding context is what it is.
+        if self.llm is not None:
+            n_ctx = min(int(self.llm.n_ctx()), int(self.llm.context_params.n_ctx))
+        self.n_ctx: int = n_ctx
         self.chat_template_source = "none"
         self._formatter = self._make_formatter(chat_format)
         self.chat_stops = self._format_stops()
-        arch = self.llm.metadata.get("general.architecture", "")
-        # Models that declare a pooling type (BERT-style sentence encoders) only embed.
-        self.generates = f"{arch}.pooling_type" not in self.llm.metadata
+        arch = self.metadata.get("general.architecture", "")
+        # Models that declare a pooling type (BERT-style sentence encoders) only embed. A
+        # decoder configured with embedding = true does both: its embedding context beside
+        # the scheduler's generation context.
+        self.generates = f"{arch}.pooling_type" not in self.metadata
 
     def check_generates(self, model: str) -> None:
         """Raise a 400 when this model can only produce embeddings."""
@@ -234,7 +374,23 @@ class Engine:
                 code="generation_not_supported",
             )
 
-    # ----- prompt preparation (thread-safe: reads the vocab only) -----
+    # ----- users: threads reading the vocabulary outside the scheduler -----
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[None]:
+        """Hold the model for a blocking read on the calling thread; :meth:`close` waits."""
+        with self._users_cond:
+            if self.model.model is None:
+                raise APIError("the model was unloaded", status=503, code="model_unloaded")
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._users_cond:
+                self._users -= 1
+                self._users_cond.notify_all()
+
+    # ----- prompt preparation (any thread: reads the vocabulary only) -----
 
     def _make_formatter(self, chat_format: str | None) -> llama_chat_format.ChatFormatter | None:
         if chat_format is not None:
@@ -243,16 +399,15 @@ class Engine:
                 raise ModelFileError(f"unknown chat_format {chat_format!r}")
             self.chat_template_source = f"chat_format:{chat_format}"
             return formatter  # type: ignore[no-any-return]
-        template = self.llm.metadata.get("tokenizer.chat_template")
+        template = self.metadata.get("tokenizer.chat_template")
         if not template:
             return None
-        model = self.llm._model
-        eos, bos = self.llm.token_eos(), self.llm.token_bos()
+        eos, bos = self.model.token_eos(), self.model.token_bos()
         self.chat_template_source = "gguf"
         return llama_chat_format.Jinja2ChatFormatter(
             template=template,
-            eos_token=model.token_get_text(eos) if eos != -1 else "",
-            bos_token=model.token_get_text(bos) if bos != -1 else "",
+            eos_token=self.model.token_get_text(eos) if eos != -1 else "",
+            bos_token=self.model.token_get_text(bos) if bos != -1 else "",
         )
 
     @property
@@ -270,6 +425,10 @@ class Engine:
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         return tuple(s for s in stops if s)
 
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
+        with self.use():
+            return list(self.model.tokenize(text.encode("utf-8"), add_bos, special))
+
     def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
         """Render ``messages`` with the model's chat template and tokenize the result."""
         if self._formatter is None:
@@ -283,25 +442,19 @@ class Engine:
             result = self._formatter(messages=messages)  # type: ignore[arg-type]
         except Exception as exc:  # a template raising is a request problem
             raise BadRequestError(
-                f"the chat template rejected these messages: {exc}", param="messages"
+                f"the chat template rejected these messages: {_short(exc)}", param="messages"
             ) from None
-        return self.llm.tokenize(
-            result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True
-        )
+        return self.tokenize(result.prompt, add_bos=not result.added_special)
+
+    def text_prompt(self, prompt: str) -> list[int]:
+        return self.tokenize(prompt)
 
     def check_grammar(self, grammar: str | None) -> None:
         """Raise a 400 unless llama.cpp parses ``grammar`` (GBNF, 'root' rule)."""
         if grammar is None:
             return
-        parsed = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
-        if not parsed:
-            raise BadRequestError(
-                "the response_format grammar could not be parsed", param="response_format"
-            )
-        llama_cpp.llama_sampler_free(parsed)
-
-    def text_prompt(self, prompt: str) -> list[int]:
-        return self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        with self.use():
+            llama_cpp.llama_sampler_free(_parse_grammar(self.vocab, grammar))
 
     def check_context(self, n_prompt: int, max_tokens: int | None, param: str) -> int:
         """Return the effective ``max_tokens``; raise if the request cannot fit the context."""
@@ -324,78 +477,55 @@ class Engine:
             )
         return max_tokens
 
-    # ----- generation (worker thread only) -----
+    # ----- the generation context (the scheduler's thread) -----
 
-    def _should_abort(self, _data: ctypes.c_void_p) -> bool:
-        cancel = self._cancel
-        return cancel is not None and cancel.is_set()
+    def create_context(self, n_seq: int, *, unified: bool = False) -> GenerationContext:
+        """A llama context for ``n_seq`` sequences with ``n_ctx`` KV cells for each.
 
-    def _set_abort(self, on: bool) -> None:
-        if on == self._abort_installed:
-            return
-        callback = self._abort_cb if on else llama_cpp.ggml_abort_callback()
-        llama_cpp.llama_set_abort_callback(self.llm._ctx.ctx, callback, None)
-        self._abort_installed = on
-
-    def _eval(self, tokens: Sequence[int]) -> None:
-        self._set_abort(len(tokens) >= ABORT_MIN_TOKENS)
-        try:
-            self.llm.eval(tokens)
-        except RuntimeError:
-            if self._cancel is not None and self._cancel.is_set():
-                raise GenerationCancelled from None
-            raise
-
-    def _reuse_prefix(self, prompt: Sequence[int], reuse: bool) -> list[int]:
-        """Keep the KV-cache prefix shared with ``prompt``; return the tokens still to evaluate.
-
-        Without ``reuse`` the whole prompt is evaluated: logits then do not depend on how the
-        previous request split the prompt into batches, so seeded sampling is reproducible.
+        One KV stream per sequence (``kv_unified`` off), chosen by measurement: in a unified
+        cache a sequence's logits depend on where its cells land among the other sequences'
+        (a seeded request would give another output in another slot), while a stream of its
+        own starts at cell 0 in every slot, and its attention spans only its own cells.
         """
-        llm = self.llm
-        cached = llm.input_ids[: llm.n_tokens] if reuse else ()
-        keep = 0
-        for a, b in zip(cached, prompt, strict=False):
-            if a != b:
-                break
-            keep += 1
-        keep = min(keep, len(prompt) - 1)  # always evaluate one token to get fresh logits
-        if keep > 0 and llm._ctx.kv_cache_seq_rm(-1, keep, -1):
-            llm.n_tokens = keep
-        else:
-            llm.reset()
-            keep = 0
-        self.reused_tokens = keep
-        return list(prompt[keep:])
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.n_ctx * n_seq
+        params.n_batch = params.n_ubatch = self.n_batch
+        params.n_seq_max = n_seq
+        params.n_threads = params.n_threads_batch = self.threads
+        params.flash_attn_type = _FLASH_ATTN_TYPE[self.flash_attn]
+        params.kv_unified = unified
+        params.embeddings = False
+        params.no_perf = True
+        lines: list[str] = []
+        with _llama_log(lines):
+            ctx = llama_cpp.llama_init_from_model(self.model.model, params)
+        if not ctx:
+            errors = [line.strip() for line in lines if "error" in line.lower()]
+            raise ModelFileError(
+                f"cannot create a context for {self.path.name}"
+                + (f": {errors[-1]}" if errors else "")
+            )
+        kv_bytes = sum(int(float(m) * 1024 * 1024) for m in _KV_BUFFER.findall("".join(lines)))
+        n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(ctx))
+        self.n_ctx = min(self.n_ctx, n_ctx_seq)
+        flash = self.flash_attn == "on" or any(
+            _FLASH_RESOLVED.search(line) and "enabled" in line for line in lines
+        )
+        return GenerationContext(ctx, n_seq, n_ctx_seq, self.n_batch, kv_bytes, flash)
 
-    def generate(
-        self,
-        prompt: Sequence[int],
-        params: SamplingParams,
-        cancel: threading.Event,
-    ) -> Iterator[Step]:
-        """Yield :class:`Step` s; the last one has a ``finish_reason``.
+    def close(self, timeout: float = 30.0) -> bool:
+        """Free the model once no thread uses it; ``False`` (leaked) if one still did."""
+        with self._users_cond:
+            if not self._users_cond.wait_for(lambda: self._users == 0, timeout):
+                logger.error("model %s is still in use; it is not freed", self.path.name)
+                return False
+            if self.llm is not None:
+                self.llm.close()
+            else:
+                self.model.close()
+        return True
 
-        Stops (without a final step) as soon as ``cancel`` is set; raises
-        :class:`GenerationCancelled` when cancelled during prompt evaluation.
-        """
-        self._cancel = cancel
-        sampler = build_sampler(params, self._vocab)
-        try:
-            self._eval(self._reuse_prefix(prompt, reuse=params.seed is None))
-            out = TextStream(self._vocab, params)
-            while not cancel.is_set():
-                token = sampler.sample(self.llm._ctx, -1)
-                step = out.push(token)
-                if step is not None:
-                    yield step
-                    if step.finish_reason is not None:
-                        return
-                self._eval([token])
-        finally:
-            self._cancel = None
-            self._set_abort(False)
-            sampler.close()
 
-    def close(self) -> None:
-        self.llm.close()
+def _short(exc: BaseException) -> str:
+    """An exception's message without server paths."""
+    return re.sub(r"(/[^\s:'\"]+)+/", "", str(exc))[:300]

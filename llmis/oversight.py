@@ -15,7 +15,6 @@ job's event stream, so that every transport that reads events through it gets:
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import time
@@ -25,11 +24,11 @@ from dataclasses import dataclass, field
 from llmis.config import LimitSettings, Settings
 from llmis.contentfilter import ContentFilter
 from llmis.errors import APIError, BadRequestError
+from llmis.jobs import Delta, Failed, Finished, Job, JobEvent, Started
 from llmis.metrics import Metrics
 from llmis.ratelimit import RateLimiter
 from llmis.request_context import RequestContext, current_request
 from llmis.shutdown import ServerShuttingDownError, Shutdown
-from llmis.worker import Delta, Failed, Finished, Job, JobEvent, Started
 
 __all__ = ["Guard", "Oversight", "RequestTimeoutError"]
 
@@ -199,10 +198,8 @@ class _Watch:
             yield Failed(ServerShuttingDownError())
             return
         while True:
-            wait = self._wait(time.monotonic())
-            try:
-                event = await asyncio.wait_for(self.job.events.get(), wait)
-            except TimeoutError:
+            event = await self.job.next_event(self._wait(time.monotonic()))
+            if event is None:
                 failed = self._timeout(time.monotonic())
                 if failed is not None:
                     self.job.done = True

@@ -8,17 +8,21 @@ queued, and a batch of prompts is queued all at once or not at all.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
-from llmis.engine import Engine, FinishReason
+from llmis.engine import FinishReason
 from llmis.errors import APIError, BadRequestError
+from llmis.jobs import Delta, Failed, Finished, Job, JobEvent
 from llmis.models import ModelManager
 from llmis.oversight import Guard
 from llmis.protocol import ChatCompletionRequest, CompletionRequest
-from llmis.worker import Delta, Failed, Finished, Job, JobEvent, ModelWorker
+from llmis.scheduler import Scheduler
 
 __all__ = ["Generation", "Result", "start_chat", "start_completion"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ class Generation:
     """
 
     model: str
-    worker: ModelWorker
+    worker: Scheduler
     jobs: Sequence[Job]
     guard: Guard
 
@@ -58,13 +62,20 @@ class Result:
     cached_tokens: int = 0
 
 
-async def _check_grammar(
-    engine: Engine, request: ChatCompletionRequest | CompletionRequest
-) -> None:
-    """A response_format grammar llama.cpp cannot parse is a 400 before anything is queued."""
-    if request.response_format is not None and request.response_format.grammar is not None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, engine.check_grammar, request.response_format.grammar)
+def _grammar(request: ChatCompletionRequest | CompletionRequest) -> str | None:
+    return request.response_format.grammar if request.response_format is not None else None
+
+
+async def _blocking(fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a thread; if the caller is cancelled (the client went away), wait for
+    the thread before letting the cancellation through, so the caller's model lease is held
+    for as long as a thread reads the model."""
+    future = asyncio.get_running_loop().run_in_executor(None, fn)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
 
 
 async def start_chat(manager: ModelManager, request: ChatCompletionRequest) -> Generation:
@@ -77,8 +88,13 @@ async def start_chat(manager: ModelManager, request: ChatCompletionRequest) -> G
         engine = worker.engine
         engine.check_generates(request.model)
         loop = asyncio.get_running_loop()
-        await _check_grammar(engine, request)
-        prompt = await loop.run_in_executor(None, engine.chat_prompt, messages)
+        grammar = _grammar(request)
+
+        def prepare() -> list[int]:  # one trip to a thread: the grammar check, then the prompt
+            engine.check_grammar(grammar)
+            return engine.chat_prompt(messages)
+
+        prompt = await _blocking(prepare)
         limit = guard.max_tokens(len(prompt), request.token_limit, "messages")
         max_tokens = guard.clamp(engine.check_context(len(prompt), limit, "messages"), limit)
         params = request.sampling(max_tokens)
@@ -99,14 +115,16 @@ async def start_completion(manager: ModelManager, request: CompletionRequest) ->
 
 
 async def _submit_completion(
-    worker: ModelWorker, request: CompletionRequest, guard: Guard
+    worker: Scheduler, request: CompletionRequest, guard: Guard
 ) -> Generation:
     engine = worker.engine
     engine.check_generates(request.model)
     loop = asyncio.get_running_loop()
-    n_vocab = engine.llm.n_vocab()
+    n_vocab = engine.n_vocab
+    grammar = _grammar(request)
 
     def tokenize_all() -> list[list[int]]:
+        engine.check_grammar(grammar)
         out = []
         for prompt in request.prompts():
             if isinstance(prompt, str):
@@ -119,8 +137,7 @@ async def _submit_completion(
                 out.append(list(prompt))
         return out
 
-    await _check_grammar(engine, request)
-    prompts = await loop.run_in_executor(None, tokenize_all)
+    prompts = await _blocking(tokenize_all)
     jobs = []
     for p in prompts:
         limit = guard.max_tokens(len(p), request.max_tokens, "prompt")

@@ -17,8 +17,8 @@ from typing import Any
 from llmis.errors import ContextOverflowError
 from llmis.models import ModelManager
 from llmis.protocol import ChatCompletionRequest, ChatMessage
+from llmis.scheduler import Scheduler
 from llmis.serving import Generation, start_chat
-from llmis.worker import ModelWorker
 
 __all__ = ["Trimmed", "default_reserve", "start_trimmed_chat", "trim_history", "trim_request"]
 
@@ -75,7 +75,7 @@ def trim_history(
     return Trimmed(system + body[cuts[hi] :], cuts[hi], best_tokens)
 
 
-async def trim_request(worker: ModelWorker, request: ChatCompletionRequest) -> Trimmed:
+async def trim_request(worker: Scheduler, request: ChatCompletionRequest) -> Trimmed:
     """Trim ``request.messages`` to the worker's context, leaving room for the reply.
 
     The reply's room is ``max_tokens`` (or ``max_completion_tokens``) when given, else

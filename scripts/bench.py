@@ -3,7 +3,7 @@
 Runs, interleaved round by round (the machine is noisy, so only side-by-side ratios mean
 anything):
   A  llama-cpp-python in process: ``Llama.create_chat_completion(stream=True)``
-  B  llmis's engine loop in process (``Engine.generate``), no server
+  B  llmis's scheduler in process (a batch of one), no server
   C  the llmis server, one SSE stream read with aiohttp
 Each run generates 128 tokens (EOS banned, greedy) after a chat prompt. Prints per-variant
 medians of decode tokens/s and time to first token, and the ratios C/A.
@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterable
 
@@ -23,6 +22,8 @@ import aiohttp
 from llama_cpp import Llama
 
 from llmis.engine import Engine, SamplingParams
+from llmis.jobs import Delta, Job
+from llmis.scheduler import Scheduler
 from tests.conftest import launch, smollm_config, smollm_path
 
 TOKENS = 128
@@ -54,14 +55,17 @@ def run_llama(llm: Llama, round_: int) -> tuple[float, float]:
     return summarize(t0, stamps)
 
 
-def run_engine(engine: Engine, round_: int) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    prompt = engine.chat_prompt(messages(round_))
-    params = SamplingParams(max_tokens=TOKENS, temperature=0, logit_bias={EOS: -100.0})
-    stamps = [
-        time.perf_counter() for s in engine.generate(prompt, params, threading.Event()) if s.text
-    ]
-    return summarize(t0, stamps)
+def run_engine(scheduler: Scheduler, round_: int) -> tuple[float, float]:
+    async def one() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        prompt = scheduler.engine.chat_prompt(messages(round_))
+        params = SamplingParams(max_tokens=TOKENS, temperature=0, logit_bias={EOS: -100.0})
+        job = Job(prompt, params, asyncio.get_running_loop())
+        scheduler.submit([job])
+        stamps = [time.perf_counter() async for e in job.stream() if isinstance(e, Delta)]
+        return summarize(t0, stamps)
+
+    return asyncio.run(one())
 
 
 async def run_server(url: str, round_: int) -> tuple[float, float]:
@@ -114,7 +118,9 @@ def main() -> None:
     llm = Llama(
         path, n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads, verbose=False
     )
-    engine = Engine(smollm_path(), n_ctx=2048, threads=args.threads)
+    engine = Scheduler(
+        "smollm2", Engine(smollm_path(), n_ctx=2048, threads=args.threads), 16, slots=4
+    )
     variants: dict[str, Callable[[int], tuple[float, float]]] = {
         "A llama-cpp-python in process": lambda r: run_llama(llm, r),
         "B llmis engine in process": lambda r: run_engine(engine, r),

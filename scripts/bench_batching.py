@@ -46,7 +46,12 @@ LLAMA_VERSION = "0.3.36"
 AMX_OFF = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 CACHE = Path(os.environ.get("LLMIS_CACHE", Path.home() / ".cache" / "llmis")) / "llama-server"
 MODELS = {"smollm2": (SMOLLM_RESOURCE, None), "gemma": (GEMMA_RESOURCE, "gemma")}
-QUESTION = "Tell me a long story about a lighthouse keeper and the sea, in many chapters."
+QUESTIONS = [
+    "Tell me a long story about a lighthouse keeper and the sea, in many chapters.",
+    "Describe, step by step, how bread is made, from the field to the table.",
+    "Write a long letter from a sailor to his family about a voyage around the world.",
+    "Explain in detail how a city's water supply works, for a curious child.",
+]
 
 
 # ----- llama-server, built once -----
@@ -174,7 +179,7 @@ resource = "{resource}"
 n_ctx = {args.ctx}
 slots = {args.slots}
 queue_size = 64
-flash_attn = {"true" if args.flash_attn == "on" else "false"}
+flash_attn = "{args.flash_attn}"
 {fmt}
 """
     running = launch(config, workdir / f"llmis-{model}")
@@ -209,7 +214,7 @@ def start_llama_cpp_python(workdir: Path, model: str, args: argparse.Namespace) 
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(args.ctx)]
     cmd += ["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
     cmd += ["--model_alias", model, "--verbose", "False"]
-    cmd += ["--flash_attn", str(args.flash_attn == "on")]
+    cmd += ["--flash_attn", str(args.flash_attn != "off")]
     if chat_format:
         cmd += ["--chat_format", chat_format]
     with log.open("wb") as out:
@@ -228,6 +233,7 @@ class Stream:
     gaps: list[float] = field(default_factory=list)
     tokens: int = 0
     broken: bool = False
+    text: str = ""
 
 
 def eog_bias(path: Path) -> dict[str, float]:
@@ -240,16 +246,23 @@ def eog_bias(path: Path) -> dict[str, float]:
 
 
 async def one_stream(
-    session: aiohttp.ClientSession, server: Server, bias: dict[str, float], tokens: int
+    session: aiohttp.ClientSession,
+    server: Server,
+    bias: dict[str, float],
+    tokens: int,
+    messages: list[dict[str, str]],
+    seed: int | None = None,
 ) -> Stream:
-    body = {
+    body: dict[str, object] = {
         "model": server.model,
-        "messages": [{"role": "user", "content": QUESTION}],
+        "messages": messages,
         "max_tokens": tokens,
-        "temperature": 0,
+        "temperature": 0.8 if seed is not None else 0,
         "logit_bias": bias,
         "stream": True,
     }
+    if seed is not None:
+        body["seed"] = seed
     result = Stream()
     done = finished = False
     t0 = last = time.perf_counter()
@@ -279,6 +292,7 @@ async def one_stream(
                         result.gaps.append(now - last)
                     last = now
                     result.tokens += 1
+                    result.text += choice["delta"]["content"]
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
         result.broken = True
     # one chunk per token on every server here; allow a few merged/held-back pieces
@@ -293,12 +307,24 @@ class Round:
     rss: int
 
 
-async def run_round(server: Server, clients: int, bias: dict[str, float], tokens: int) -> Round:
+async def run_round(
+    server: Server, clients: int, bias: dict[str, float], tokens: int, seeded: bool
+) -> Round:
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         t0 = time.perf_counter()
         streams = await asyncio.gather(
-            *(one_stream(session, server, bias, tokens) for _ in range(clients))
+            *(
+                one_stream(
+                    session,
+                    server,
+                    bias,
+                    tokens,
+                    [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+                    seed=i + 1 if seeded else None,
+                )
+                for i in range(clients)
+            )
         )
         wall = time.perf_counter() - t0
     return Round(sum(s.tokens for s in streams) / wall, list(streams), server.rss())
@@ -320,6 +346,7 @@ def summarize(name: str, rounds: list[Round]) -> dict[str, float]:
         "ttft50": pct(ttfts, 0.5) * 1000,
         "ttft95": pct(ttfts, 0.95) * 1000,
         "itl50": pct(gaps, 0.5) * 1000,
+        "itl99": pct(gaps, 0.99) * 1000,
         "broken": sum(s.broken for s in streams),
         "streams": len(streams),
         "rss": max(r.rss for r in rounds) / 2**20,
@@ -333,30 +360,127 @@ def order(servers: list[Server], round_: int) -> Iterator[Server]:
 async def bench_model(
     servers: list[Server], bias: dict[str, float], args: argparse.Namespace
 ) -> None:
-    for clients in args.clients:
-        results: dict[str, list[Round]] = {s.name: [] for s in servers}
-        for round_ in range(args.rounds):
-            for server in order(servers, round_):
-                results[server.name].append(await run_round(server, clients, bias, args.tokens))
-        rows = {name: summarize(name, rounds) for name, rounds in results.items()}
-        print(f"\n  {clients} client(s), {args.tokens} tokens each, {args.rounds} rounds")
+    for seeded in args.seeded:
+        for clients in args.clients:
+            results: dict[str, list[Round]] = {s.name: [] for s in servers}
+            for round_ in range(args.rounds):
+                for server in order(servers, round_):
+                    results[server.name].append(
+                        await run_round(server, clients, bias, args.tokens, seeded)
+                    )
+            rows = {name: summarize(name, rounds) for name, rounds in results.items()}
+            kind = "seeded" if seeded else "unseeded"
+            print(f"\n  {clients} client(s), {kind}, {args.tokens} tokens, {args.rounds} rounds")
+            print(
+                f"  {'server':<17}{'tok/s':>8}{'TTFT p50':>10}{'p95':>8}{'ITL p50':>9}{'p99':>8}"
+                f"{'broken':>9}{'RSS MB':>8}"
+            )
+            for name, row in rows.items():
+                broken = f"{row['broken']}/{row['streams']}"
+                print(
+                    f"  {name:<17}{row['tok_s']:>8.1f}{row['ttft50']:>8.0f}ms"
+                    f"{row['ttft95']:>6.0f}ms{row['itl50']:>7.1f}ms{row['itl99']:>6.0f}ms"
+                    f"{broken:>9}{row['rss']:>8.0f}"
+                )
+            ratios(rows, ["tok_s", "ttft50", "ttft95", "itl50", "itl99", "rss"])
+    if args.turns:
+        await multi_turn(servers, bias, args)
+    await long_prompt(servers, bias, args)
+
+
+LONG_PROMPT = " ".join(f"Line {i}: the quick brown fox jumps over a dog." for i in range(230))
+
+
+async def long_prompt(
+    servers: list[Server], bias: dict[str, float], args: argparse.Namespace
+) -> None:
+    """3 streams run while a ~3,000-token prompt arrives: their worst inter-token gap."""
+    print("\n  long prompt (~3,000 tokens) arriving during 3 streams: the streams' ITL")
+    rows = {}
+    for round_ in range(args.rounds):
+        for server in order(servers, round_):
+            timeout = aiohttp.ClientTimeout(total=900)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+
+                async def late(server: Server, content: str) -> Stream:
+                    await asyncio.sleep(0.5)
+                    return await one_stream(
+                        session, server, bias, 4, [{"role": "user", "content": content}]
+                    )
+
+                *streams, arrival = await asyncio.gather(
+                    *(
+                        one_stream(session, server, bias, 128, [{"role": "user", "content": q}])
+                        for q in QUESTIONS[:3]
+                    ),
+                    late(server, f"{LONG_PROMPT} ({server.name} {round_})"),
+                )
+            gaps = [g for st in streams for g in st.gaps]
+            row = rows.setdefault(server.name, {"itl_max": 0.0, "itl99": 0.0, "ttft": 0.0})
+            row["itl_max"] = max(row["itl_max"], max(gaps, default=0.0) * 1000)
+            row["itl99"] = max(row["itl99"], pct(gaps, 0.99) * 1000)
+            row["ttft"] = max(row["ttft"], (arrival.ttft or 0.0) * 1000)
+    for name, row in rows.items():
         print(
-            f"  {'server':<17}{'tok/s':>8}{'TTFT p50':>10}{'p95':>8}{'ITL p50':>9}"
-            f"{'broken':>9}{'RSS MB':>8}"
+            f"  {name:<17} worst ITL {row['itl_max']:>6.0f}ms  ITL p99 {row['itl99']:>6.0f}ms"
+            f"  long prompt TTFT {row['ttft']:>6.0f}ms"
         )
-        for name, row in rows.items():
-            broken = f"{row['broken']}/{row['streams']}"
-            print(
-                f"  {name:<17}{row['tok_s']:>8.1f}{row['ttft50']:>8.0f}ms{row['ttft95']:>6.0f}ms"
-                f"{row['itl50']:>7.1f}ms{broken:>9}{row['rss']:>8.0f}"
-            )
-        if "llama-server" in rows:
-            ours, theirs = rows["llmis"], rows["llama-server"]
-            print(
-                f"  llmis / llama-server: tok/s {ours['tok_s'] / theirs['tok_s']:.2f}x, "
-                f"TTFT p50 {ours['ttft50'] / theirs['ttft50']:.2f}x, "
-                f"ITL p50 {ours['itl50'] / theirs['itl50']:.2f}x"
-            )
+    ratios(rows, ["itl_max", "itl99", "ttft"])
+
+
+def ratios(rows: dict[str, dict[str, float]], keys: list[str]) -> None:
+    if "llama-server" not in rows:
+        return
+    ours, theirs = rows["llmis"], rows["llama-server"]
+    print(
+        "  llmis / llama-server: "
+        + ", ".join(f"{k} {ours[k] / theirs[k]:.2f}x" for k in keys if theirs.get(k))
+    )
+
+
+async def one_user(
+    session: aiohttp.ClientSession,
+    server: Server,
+    bias: dict[str, float],
+    user: int,
+    args: argparse.Namespace,
+) -> list[Stream]:
+    """``args.turns`` turns of one conversation, each sent when the previous answer ended."""
+    history = [{"role": "system", "content": f"You are assistant number {user}. Be helpful."}]
+    out = []
+    for turn in range(args.turns):
+        question = QUESTIONS[(user + turn) % len(QUESTIONS)]
+        history.append({"role": "user", "content": f"Turn {turn}: {question}"})
+        stream = await one_stream(session, server, bias, args.turn_tokens, history)
+        history.append({"role": "assistant", "content": stream.text})
+        out.append(stream)
+    return out
+
+
+async def multi_turn(
+    servers: list[Server], bias: dict[str, float], args: argparse.Namespace
+) -> None:
+    """4 users x N turns with growing history: where a server that keeps the prompt cache wins."""
+    results: dict[str, list[Stream]] = {s.name: [] for s in servers}
+    for round_ in range(args.rounds):
+        for server in order(servers, round_):
+            timeout = aiohttp.ClientTimeout(total=900)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                users = await asyncio.gather(
+                    *(one_user(session, server, bias, u, args) for u in range(4))
+                )
+            results[server.name] += [s for user in users for s in user]
+    print(f"\n  multi-turn: 4 users x {args.turns} turns, {args.turn_tokens} tokens per answer")
+    rows = {}
+    for name, streams in results.items():
+        ttfts = [s.ttft for s in streams if s.ttft is not None]
+        rows[name] = {"ttft50": pct(ttfts, 0.5) * 1000, "ttft95": pct(ttfts, 0.95) * 1000}
+        broken = sum(s.broken for s in streams)
+        print(
+            f"  {name:<17} TTFT p50 {rows[name]['ttft50']:>6.0f}ms  p95 "
+            f"{rows[name]['ttft95']:>6.0f}ms  broken {broken}/{len(streams)}"
+        )
+    ratios(rows, ["ttft50", "ttft95"])
 
 
 def main() -> None:
@@ -367,14 +491,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--slots", type=int, default=4)
-    parser.add_argument("--ctx", type=int, default=1024, help="context per slot")
+    parser.add_argument("--ctx", type=int, default=4096, help="context per slot (shipped)")
     parser.add_argument(
-        "--flash-attn", choices=["on", "off"], default="on", help="on = llama-server's CPU default"
+        "--flash-attn",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="both servers' own default: auto",
     )
+    parser.add_argument("--seeded", default="no,yes", help="unseeded and/or seeded requests")
+    parser.add_argument("--turns", type=int, default=6, help="multi-turn workload (0 = skip)")
+    parser.add_argument("--turn-tokens", type=int, default=48)
     parser.add_argument("--no-llama-cpp-python", action="store_true")
     parser.add_argument("--no-llama-server", action="store_true", help="skip building/running it")
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
+    args.seeded = [s == "yes" for s in args.seeded.split(",")]
     binary = None if args.no_llama_server else llama_server_binary()
     with_lcp = not args.no_llama_cpp_python and importlib.util.find_spec("fastapi") is not None
     if not with_lcp:

@@ -95,6 +95,7 @@ queue_size = {queue_size}
 name = "smollm2-q1"
 resource = "{SMOLLM_RESOURCE}"
 n_ctx = 2048
+slots = 1                 # one running job and one waiting: the queue tests' model
 queue_size = 1
 {extra_models}
 """

@@ -1,13 +1,16 @@
-"""The generation loop against the real SmolLM2 model, in process (no server)."""
+"""The model wrapper and the per-sequence pieces against the real SmolLM2 model, in process.
+
+Generation itself runs in the scheduler (tests/test_scheduler.py).
+"""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 
 import pytest
 
-from llmis.engine import Engine, SamplingParams, _stop_holdback
+from llmis.engine import Engine, SamplingParams, TextStream, _stop_holdback
+from llmis.errors import APIError
 from tests.conftest import smollm_path
 
 EOS = 2  # SmolLM2's <|im_end|>
@@ -20,12 +23,6 @@ def engine() -> Iterator[Engine]:
     eng.close()
 
 
-def run(engine: Engine, prompt: str, **kw: object) -> tuple[str, str | None, int]:
-    params = SamplingParams(**{"max_tokens": 16, "temperature": 0.0, **kw})  # type: ignore[arg-type]
-    steps = list(engine.generate(engine.text_prompt(prompt), params, threading.Event()))
-    return "".join(s.text for s in steps), steps[-1].finish_reason, steps[-1].completion_tokens
-
-
 @pytest.mark.parametrize(
     ("text", "stops", "held"),
     [("hello wor", ("world",), 3), ("abc", ("x",), 0), ("a<|", ("<|end|>",), 2), ("", ("z",), 0)],
@@ -34,40 +31,27 @@ def test_stop_holdback(text: str, stops: tuple[str, ...], held: int) -> None:
     assert _stop_holdback(text, stops) == held
 
 
-def test_greedy_is_deterministic_and_counts_tokens(engine: Engine) -> None:
-    first = run(engine, "The capital of France is", max_tokens=12, logit_bias={EOS: -100.0})
-    second = run(engine, "The capital of France is", max_tokens=12, logit_bias={EOS: -100.0})
-    assert first == second
-    assert first[1] == "length"
-    assert first[2] == 12
+def test_text_stream_cuts_at_a_stop_string_and_counts_tokens(engine: Engine) -> None:
+    tokens = engine.tokenize(" one, two, three, four", add_bos=False)
+    out = TextStream(engine.vocab, SamplingParams(max_tokens=100, stop=(" three",)))
+    steps = [s for s in (out.push(t) for t in tokens) if s is not None]
+    assert "".join(s.text for s in steps) == " one, two,"
+    assert steps[-1].finish_reason == "stop"
+    limited = TextStream(engine.vocab, SamplingParams(max_tokens=2))
+    last = [s for s in (limited.push(t) for t in tokens[:2]) if s is not None][-1]
+    assert (last.finish_reason, last.completion_tokens) == ("length", 2)
+    assert TextStream(engine.vocab, SamplingParams(max_tokens=9)).push(EOS) is not None
 
 
-def test_stop_string_cuts_text_and_reports_stop(engine: Engine) -> None:
-    text, _, _ = run(engine, "Count: 1, 2, 3, 4,", max_tokens=24, logit_bias={EOS: -100.0})
-    assert len(text) > 4
-    stop = text[2:4]
-    cut, reason, _ = run(
-        engine, "Count: 1, 2, 3, 4,", max_tokens=24, logit_bias={EOS: -100.0}, stop=(stop,)
-    )
-    assert reason == "stop"
-    assert cut == text[: text.index(stop)]
+def test_the_model_has_no_context_of_its_own(engine: Engine) -> None:
+    assert engine.llm is None and engine.generates
+    assert engine.has_chat_template and engine.chat_template_source == "gguf"
 
 
-def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
-    a = run(engine, "Once upon a time", temperature=1.0, seed=7, max_tokens=16)
-    b = run(engine, "Once upon a time", temperature=1.0, seed=7, max_tokens=16)
-    assert a == b
-
-
-def test_cancel_stops_between_tokens(engine: Engine) -> None:
-    cancel = threading.Event()
-    params = SamplingParams(max_tokens=200, temperature=0.0, logit_bias={EOS: -100.0})
-    seen = 0
-    for _ in engine.generate(engine.text_prompt("Tell me a story"), params, cancel):
-        seen += 1
-        if seen == 3:
-            cancel.set()
-    assert seen == 3
+def test_grammar_check(engine: Engine) -> None:
+    engine.check_grammar('root ::= "yes" | "no"')
+    with pytest.raises(APIError, match="could not be parsed"):
+        engine.check_grammar("root ::= (")
 
 
 def test_context_arithmetic(engine: Engine) -> None:
