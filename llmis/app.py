@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from llmis.api import admin, embeddings, health, openai, pages, search, ws
+from llmis.api import admin, embeddings, health, openai, openapi, pages, search, ws
 from llmis.api.middleware import error_middleware
 from llmis.config import Settings
 from llmis.models import ModelManager
@@ -40,4 +40,5 @@ def create_app(settings: Settings) -> web.Application:
     search.setup(app)
     ws.setup(app)
     pages.setup(app)
+    openapi.setup(app)
     return app

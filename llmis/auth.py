@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 from collections.abc import Iterable, Mapping
 from enum import Enum
@@ -24,12 +25,14 @@ from llmis.config import AuthSettings
 from llmis.errors import APIError
 
 __all__ = [
+    "KEYRING",
     "KEY_ID",
     "AuthenticationError",
     "KeyRing",
     "PermissionDeniedError",
     "Role",
     "auth_middleware",
+    "is_admin_request",
     "key_id",
 ]
 
@@ -71,6 +74,8 @@ def _split(value: str | None) -> list[str]:
 
 
 class KeyRing:
+    """The configured keys and their roles."""
+
     def __init__(self, user_keys: Iterable[str], admin_keys: Iterable[str]) -> None:
         self._keys = [(_digest(k), Role.USER) for k in user_keys]
         self._keys += [(_digest(k), Role.ADMIN) for k in admin_keys]
@@ -99,10 +104,25 @@ class KeyRing:
         return found
 
 
+KEYRING = web.AppKey("keyring", KeyRing)
+
+
 def _bearer(request: web.Request) -> str | None:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     token = token.strip()
     return token if scheme.lower() == "bearer" and token else None
+
+
+def is_admin_request(ring: KeyRing, request: web.Request) -> bool:
+    """True for a request with an admin key; with auth off, for a loopback client."""
+    if not ring.enabled:
+        remote = request.remote or ""
+        try:
+            return ipaddress.ip_address(remote.split("%")[0]).is_loopback
+        except ValueError:
+            return False
+    key = _bearer(request)
+    return key is not None and ring.role(key) is Role.ADMIN
 
 
 def is_admin_path(path: str) -> bool:

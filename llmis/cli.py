@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +18,12 @@ from llmis.config import DEFAULT_CONFIG, ConfigError, Settings, load_settings
 from llmis.logs import setup_logging
 
 __all__ = ["main"]
+
+_BIND_ERRORS = {
+    errno.EADDRINUSE: "the address is already in use (is another server running on that port?)",
+    errno.EACCES: "permission denied (ports below 1024 need privileges)",
+    errno.EADDRNOTAVAIL: "this machine has no such address",
+}
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -69,23 +76,34 @@ def _event_loop(kind: str) -> asyncio.AbstractEventLoop | None:
 
 def _serve(args: argparse.Namespace) -> int:
     from llmis.app import create_app
+    from llmis.state import OVERSIGHT
 
     settings = _settings(args)
     setup_logging(settings.server.log_level, args.log_format or settings.logging.format)
     if not settings.models:
         print("llmis: warning: the config names no models", file=sys.stderr)
     host, port = settings.server.host, settings.server.port
-    web.run_app(
-        create_app(settings),
-        loop=_event_loop(settings.server.event_loop),
-        host=host,
-        port=port,
-        handler_cancellation=True,
-        print=lambda _: print(f"llmis {__version__} serving on http://{host}:{port}", flush=True),
-        access_log=None,  # llmis.logs writes the access log, with request ids and tokens
-        shutdown_timeout=5.0,  # after the grace period that on_shutdown has already waited
-    )
-    return 0
+    app = create_app(settings)
+    try:
+        web.run_app(
+            app,
+            loop=_event_loop(settings.server.event_loop),
+            host=host,
+            port=port,
+            handler_cancellation=True,
+            print=lambda _: print(
+                f"llmis {__version__} serving on http://{host}:{port}", flush=True
+            ),
+            access_log=None,  # llmis.logs writes the access log, with request ids and tokens
+            shutdown_timeout=5.0,  # after the grace period that on_shutdown has already waited
+        )
+    except OSError as exc:
+        if exc.errno not in _BIND_ERRORS:
+            raise
+        reason = _BIND_ERRORS[exc.errno]
+        print(f"llmis: cannot listen on {host}:{port}: {reason}", file=sys.stderr)
+        return 2
+    return app[OVERSIGHT].shutdown.exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:

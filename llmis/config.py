@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -61,6 +61,7 @@ class _Strict(BaseModel):
 
 
 _NAME = re.compile(r"[A-Za-z0-9._:@/-]+")
+_HOST_PATTERN = re.compile(r"\*|\.?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
 
 
 class ModelSettings(_Strict):
@@ -73,17 +74,42 @@ class ModelSettings(_Strict):
         description="A file inside an installed distribution: 'dist-name:path/in/dist.gguf'.",
     )
     n_ctx: int = Field(default=4096, ge=16, le=1_048_576)
-    n_batch: int = Field(default=512, ge=1)
+    n_batch: int = Field(default=512, ge=32, le=8192)
     n_gpu_layers: int = Field(default=0, ge=-1)
     threads: int | None = Field(default=None, ge=1)
     chat_format: str | None = None
     queue_size: int = Field(default=16, ge=0, le=100_000)
-    slots: int = Field(
-        default=1, ge=1, le=64, description="sequences decoded together; 1 = one job at a time"
+    slots: int | Literal["auto"] = Field(
+        default="auto",
+        description="sequences decoded together (continuous batching); auto = 4, "
+        "as llama-server's -np auto",
     )
-    flash_attn: bool = Field(
-        default=False, description="llama.cpp flash attention (llama-server's CPU default)"
+    flash_attn: Literal["auto", "on", "off"] = Field(
+        default="auto", description="llama.cpp flash attention; auto = on where supported"
     )
+    n_seq_auto: ClassVar[int] = 4
+
+    @field_validator("slots")
+    @classmethod
+    def _slots_range(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 64:
+            raise ValueError("slots must be 'auto' or between 1 and 64")
+        return value
+
+    @field_validator("flash_attn", mode="before")
+    @classmethod
+    def _flash_bool(cls, value: object) -> object:
+        if isinstance(value, bool):  # flash_attn = true / false, as before
+            return "on" if value else "off"
+        return value
+
+    @property
+    def n_slots(self) -> int:
+        """The slot count after 'auto' (embedding models decode no generations: 1)."""
+        if self.embedding:
+            return 1
+        return self.n_seq_auto if self.slots == "auto" else int(self.slots)
+
     embedding: bool = Field(
         default=False, description="serve /v1/embeddings and /v1/search with this model"
     )
@@ -119,6 +145,27 @@ class ServerSettings(_Strict):
     ram_budget: int | str = Field(
         default="75%", description="RAM for loaded models: bytes, '6GiB', '512MB' or '75%' of RAM"
     )
+    write_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="a stream write that waits longer (the client stopped reading) ends it",
+    )
+    allowed_hosts: tuple[str, ...] = Field(
+        default=(),
+        description="Host header names accepted besides loopback names and IP addresses; "
+        "'*' accepts any (DNS-rebinding protection off)",
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not _HOST_PATTERN.fullmatch(name):
+                raise ValueError(
+                    f"allowed_hosts: {name!r} is not a host name: write 'llm.example.com', "
+                    "'.example.com' (it and its subdomains) or '*' (any), without a port"
+                )
+        return tuple(name.lower().rstrip(".") for name in value)
 
     @field_validator("ram_budget")
     @classmethod

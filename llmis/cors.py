@@ -31,6 +31,10 @@ class Cors:
     def enabled(self) -> bool:
         return bool(self.settings.allow_origins)
 
+    def allows(self, origin: str) -> bool:
+        """True if ``[cors] allow_origins`` lets ``origin`` call the API from a browser."""
+        return self._allow_origin(origin) is not None
+
     def _allow_origin(self, origin: str | None) -> str | None:
         """The ``Access-Control-Allow-Origin`` value for ``origin``, or None if not allowed."""
         if not origin:

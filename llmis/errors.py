@@ -19,7 +19,13 @@ __all__ = [
     "ModelUnavailableError",
     "QueueFullError",
     "error_body",
+    "shown",
 ]
+
+
+def shown(text: str, limit: int = 200) -> str:
+    """A client's value for an error message: cut to ``limit`` characters."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def error_body(
@@ -75,7 +81,8 @@ class ModelNotFoundError(APIError):
 
     def __init__(self, name: str) -> None:
         super().__init__(
-            f"The model '{name}' does not exist. GET /v1/models lists the models served here.",
+            f"The model '{shown(name)}' does not exist. "
+            "GET /v1/models lists the models served here.",
             param="model",
         )
 

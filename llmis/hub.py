@@ -48,6 +48,7 @@ __all__ = [
     "HubError",
     "RemoteFile",
     "RepoListing",
+    "checked_sha256",
     "choose",
     "download",
     "file_sha256",
@@ -107,7 +108,7 @@ def list_repo(repo_id: str, revision: str | None) -> RepoListing:
         RemoteFile(
             s.rfilename,
             s.lfs.size if s.lfs is not None else s.size,
-            s.lfs.sha256 if s.lfs is not None else None,
+            checked_sha256(s.lfs.sha256, s.rfilename) if s.lfs is not None else None,
         )
         for s in info.siblings or ()
     )
@@ -181,6 +182,19 @@ def choose(listing: RepoListing, selector: str | None) -> Candidate:
     )
 
 
+def checked_sha256(value: object, path: str) -> str | None:
+    """The hub's sha256 for ``path`` in lower case, checked to be 64 hex digits before it
+    is used in a file name; None if the hub gave none. :class:`HubError` if malformed."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not _SHA256.match(value.lower()):
+        raise HubError(
+            f"the hub gave a malformed sha256 for {path} ({str(value)[:80]!r}); "
+            "refusing to download it"
+        )
+    return value.lower()
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -222,6 +236,7 @@ def download(
     Returns the complete, checked ``.part`` file. On a sha256 mismatch the file is deleted
     and :class:`HubError` raised.
     """
+    published = checked_sha256(file.sha256, file.path)  # before it names a file
     url = hf_hub_url(listing.repo_id, file.path, revision=listing.commit)
     headers = build_hf_headers()  # HF_TOKEN / the saved token, user agent
     headers["Accept-Encoding"] = "identity"
@@ -229,7 +244,7 @@ def download(
     if _origin(meta.location) != _origin(url):
         headers.pop("authorization", None)  # a signed CDN URL: the token stays on the hub
     etag = meta.etag or ""
-    sha256 = file.sha256 or (etag if _SHA256.match(etag) else None)
+    sha256 = published or (etag if _SHA256.match(etag) else None)
     size = file.size if file.size is not None else meta.size
     key = (sha256 or re.sub(r"[^0-9A-Za-z]", "", etag) or listing.commit)[:16]
     partial_dir.mkdir(parents=True, exist_ok=True)

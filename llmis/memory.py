@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
@@ -52,6 +54,7 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z%]*)\s*$")
 _FIXED_OVERHEAD = 8 * MiB
 _PER_BATCH_EMBD = 16  # bytes per (n_batch x n_embd)
 _PER_VOCAB = 170  # bytes per vocabulary entry
+_KV_PAD = 256  # llama.cpp pads each sequence's KV stream (llama-context.cpp, n_ctx_seq)
 
 
 def parse_budget(value: int | str) -> tuple[float, bool]:
@@ -103,12 +106,14 @@ class MemoryPrediction:
 
 
 def predict_memory(info: GGUFInfo, n_ctx: int, n_batch: int, slots: int = 1) -> MemoryPrediction:
-    """Predicted RSS growth of loading ``info`` with this context (CPU, f16 KV cache)."""
+    """Predicted RSS growth of loading ``info`` with ``slots`` KV streams of ``n_ctx`` cells
+    (CPU, f16 KV cache; llama.cpp rounds each stream up to a multiple of 256 cells)."""
     n_embd = info.embedding_length or 0
     n_vocab = info.vocab_size or 0
     overhead = _FIXED_OVERHEAD + _PER_BATCH_EMBD * min(n_batch, n_ctx) * n_embd
     overhead += _PER_VOCAB * n_vocab
-    return MemoryPrediction(info.file_size, info.kv_cache_bytes(n_ctx * slots), overhead)
+    cells = -(-n_ctx // _KV_PAD) * _KV_PAD * slots
+    return MemoryPrediction(info.file_size, info.kv_cache_bytes(cells), overhead)
 
 
 def process_rss() -> int:
@@ -116,14 +121,28 @@ def process_rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, looked up once (``find_library`` spawns ``ldconfig -p``).
+
+    The symbols already loaded in this process are searched first (``dlopen(NULL)``), so in
+    the usual case no library is looked up at all; None on musl and other platforms."""
+    if not sys.platform.startswith("linux"):
+        return None
+    for searched in ("this process", "libc"):
+        name = None if searched == "this process" else ctypes.util.find_library("c")
+        try:
+            trim = ctypes.CDLL(name).malloc_trim
+        except (OSError, AttributeError, TypeError):  # musl has no malloc_trim
+            continue
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+        found: Callable[[int], int] = trim
+        return found
+    return None
+
+
 def release_free_heap() -> None:
     """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so RSS reflects frees."""
-    if not sys.platform.startswith("linux"):
-        return
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):  # musl has no malloc_trim
-        return
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

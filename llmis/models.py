@@ -28,7 +28,6 @@ from typing import Any
 
 import psutil
 
-from llmis.batching import BatchWorker
 from llmis.catalog import ModelEntry, ModelState
 from llmis.config import ModelSettings, Settings
 from llmis.engine import Engine
@@ -47,8 +46,8 @@ from llmis.memory import (
     resolve_budget,
 )
 from llmis.resources import resolve_resource, safe_model_path
+from llmis.scheduler import Scheduler
 from llmis.splits import is_continuation_part
-from llmis.worker import ModelWorker
 
 __all__ = ["ModelManager", "default_threads"]
 
@@ -60,6 +59,14 @@ _STEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]*")
 
 def default_threads() -> int:
     return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a name the OS refuses (too long: ENAMETOOLONG)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _mib(n: int) -> str:
@@ -114,7 +121,7 @@ class ModelManager:
         if (
             entry is None
             and _STEM.fullmatch(target)
-            and dropped.is_file()
+            and _is_file(dropped)
             and not is_continuation_part(dropped)  # parts 2..N load through part 1
         ):
             self._add_dir_entries([dropped])
@@ -211,7 +218,7 @@ class ModelManager:
 
     # ----- getting a worker -----
 
-    async def acquire(self, name: str) -> ModelWorker:
+    async def acquire(self, name: str) -> Scheduler:
         """Return the worker of model ``name``, loading it first if need be.
 
         Prefer :meth:`lease`: a worker returned here is not protected from eviction until a
@@ -220,7 +227,7 @@ class ModelManager:
         return await self._ready_worker(self.entry(name))
 
     @contextlib.asynccontextmanager
-    async def lease(self, name: str) -> AsyncIterator[ModelWorker]:
+    async def lease(self, name: str) -> AsyncIterator[Scheduler]:
         """The worker of ``name`` (loaded if need be), never evicted or unloaded while held.
 
         Hold it from picking the model until the request's jobs are queued; queued and running
@@ -233,12 +240,23 @@ class ModelManager:
             yield worker
         finally:
             entry.leases -= 1
+            entry.changed.set()
 
-    async def _ready_worker(self, entry: ModelEntry) -> ModelWorker:
+    async def _ready_worker(self, entry: ModelEntry, *, retry: bool = False) -> Scheduler:
         while True:
             entry.last_used = time.time()
             if entry.state is ModelState.LOADED and entry.worker is not None:
                 return entry.worker
+            if entry.state is ModelState.FAILED and not retry:
+                wait = entry.retry_at - time.monotonic()
+                if wait > 0:  # a failed load is retried with backoff, not on every request
+                    raise ModelUnavailableError(
+                        f"model '{entry.name}' failed to load ({entry.error}); "
+                        f"it is retried in {wait:.0f}s",
+                        param="model",
+                        code="model_failed",
+                        headers={"Retry-After": str(max(1, round(wait)))},
+                    )
             if entry.state is ModelState.UNLOADING and entry.unload_task is not None:
                 await asyncio.shield(entry.unload_task)
                 continue
@@ -251,10 +269,12 @@ class ModelManager:
                 if exc.code == "insufficient_memory" and not entry.load_evicts:
                     continue  # a startup load, which never evicts: try again, evicting
                 raise
-            except Exception as exc:
-                raise ModelUnavailableError(f"model '{entry.name}' failed to load: {exc}") from None
+            except Exception:  # the reason is in the log (and /healthz for admins)
+                raise ModelUnavailableError(
+                    f"model '{entry.name}' failed to load; see the server log"
+                ) from None
 
-    def _start_load(self, entry: ModelEntry, *, evict: bool) -> asyncio.Task[ModelWorker]:
+    def _start_load(self, entry: ModelEntry, *, evict: bool) -> asyncio.Task[Scheduler]:
         entry.state = ModelState.LOADING
         entry.error = None
         entry.load_evicts = evict
@@ -262,7 +282,7 @@ class ModelManager:
         entry.load_task = task
         return task
 
-    async def _load(self, entry: ModelEntry, evict: bool) -> ModelWorker:
+    async def _load(self, entry: ModelEntry, evict: bool) -> Scheduler:
         loop = asyncio.get_running_loop()
         async with self._load_lock:
             try:
@@ -270,7 +290,7 @@ class ModelManager:
                 info = await loop.run_in_executor(None, self._infos.get, path)
                 entry.path, entry.info = path, info
                 model = self._effective_settings(entry, info)
-                prediction = predict_memory(info, model.n_ctx, model.n_batch, model.slots)
+                prediction = predict_memory(info, model.n_ctx, model.n_batch, model.n_slots)
                 entry.predicted_bytes = prediction.total
                 await self._make_room(entry, entry.measured_bytes or prediction.total, evict)
                 started = time.monotonic()
@@ -283,11 +303,16 @@ class ModelManager:
                 fits_later = isinstance(exc, APIError) and exc.code == "insufficient_memory"
                 entry.state = ModelState.AVAILABLE if fits_later else ModelState.FAILED
                 entry.error = exc.message if isinstance(exc, APIError) else str(exc)
+                if not fits_later:
+                    entry.failures += 1
+                    entry.retry_at = time.monotonic() + min(60.0, 2.0**entry.failures)
                 logger.error("model %s was not loaded: %s", entry.name, entry.error)
                 raise
         entry.worker = worker
         entry.state = ModelState.LOADED
+        entry.failures = 0
         entry.last_used = time.time()
+        worker.on_failure(loop, lambda: self._scheduler_died(entry, worker))
         logger.info(
             "model %s loaded from %s in %.2fs: predicted %s, measured %s",
             entry.name,
@@ -385,9 +410,39 @@ class ModelManager:
         entry.unload_task = task
         return task
 
-    async def _drain_and_close(self, entry: ModelEntry) -> None:
+    def _scheduler_died(self, entry: ModelEntry, worker: Scheduler) -> None:
+        """The model's scheduler thread died: its requests have their errors; mark the model
+        failed (retried with backoff) and free it."""
+        if entry.worker is not worker:
+            return
+        entry.worker = None
+        entry.state = ModelState.FAILED
+        entry.error = f"its scheduler failed ({worker.failure})"
+        entry.failures += 1
+        entry.retry_at = time.monotonic() + min(60.0, 2.0**entry.failures)
+        logger.error("model %s: %s", entry.name, entry.error)
+        task = asyncio.get_running_loop().create_task(self._close_worker(worker))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _close_worker(self, worker: Scheduler) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, worker.close)
+        release_free_heap()
+
+    async def _wait_idle(self, entry: ModelEntry) -> None:
+        """Until no request holds ``entry`` and its scheduler has nothing queued or running
+        (woken by events: a lease released, the scheduler gone idle)."""
         while not entry.idle:
-            await asyncio.sleep(0.02)
+            worker = entry.worker
+            if worker is not None and worker.busy:
+                await worker.drain()
+                continue
+            entry.changed.clear()
+            if not entry.idle:
+                await entry.changed.wait()
+
+    async def _drain_and_close(self, entry: ModelEntry) -> None:
+        await self._wait_idle(entry)
         worker, entry.worker = entry.worker, None
         try:
             if worker is not None:
@@ -417,8 +472,12 @@ class ModelManager:
         n_ctx: int | None = None,
         n_gpu_layers: int | None = None,
         pin: bool | None = None,
+        replace: bool = False,
     ) -> ModelEntry:
-        """Load ``name`` now; with ``path``, (re)define it as that file in the models dir."""
+        """Load ``name`` now; with ``path``, define it as that file in the models dir.
+
+        Pointing an existing name at another file is a 409 unless ``replace`` is true.
+        """
         entry = self._entries.get(name)
         update: dict[str, Any] = {}
         if n_ctx is not None:
@@ -428,6 +487,8 @@ class ModelManager:
         if path is not None:
             loop = asyncio.get_running_loop()
             resolved = await loop.run_in_executor(None, safe_model_path, path, self.models_dir)
+            if not replace:
+                await self._refuse_repoint(name, entry, path, resolved)
             await loop.run_in_executor(None, self._infos.get, resolved)  # 400 if not GGUF
             update.update(path=resolved, resource=None)
         if entry is None and path is None:
@@ -451,8 +512,30 @@ class ModelManager:
             entry.info = entry.path = entry.measured_bytes = None
         if pin is not None:
             entry.pinned = pin
-        await self._ready_worker(entry)
+        await self._ready_worker(entry, retry=True)
         return entry
+
+    async def _refuse_repoint(
+        self, name: str, entry: ModelEntry | None, path: Path, resolved: Path
+    ) -> None:
+        """409 if ``name`` exists (a model or an alias) and is not the file ``resolved``."""
+        if entry is None and name not in self._aliases:
+            return
+        current = entry.path if entry is not None else None
+        if entry is not None and current is None:
+            loop = asyncio.get_running_loop()
+            with contextlib.suppress(APIError):
+                current = await loop.run_in_executor(None, self.resolve_path, entry.settings)
+        if current == resolved:
+            return
+        what = "a model" if entry is not None else "an alias"
+        raise APIError(
+            f"'{name}' is already {what} with another file; send \"replace\": true to point "
+            f"it at '{path}'",
+            param="path",
+            code="model_exists",
+            status=409,
+        )
 
     def _version(self, alias: str, to: str) -> ModelEntry:
         for candidate in (f"{alias}@{to}", to):
@@ -500,7 +583,7 @@ class ModelManager:
             raise ModelFileError(f"model '{model.name}' names no file")
         return safe_model_path(model.path, self.models_dir)
 
-    def _load_blocking(self, model: ModelSettings, path: Path) -> ModelWorker:
+    def _load_blocking(self, model: ModelSettings, path: Path) -> Scheduler:
         threads = model.threads or self.settings.server.threads or default_threads()
         engine = Engine(
             path,
@@ -514,8 +597,10 @@ class ModelManager:
         )
         return self._make_worker(model, engine)
 
-    def _make_worker(self, model: ModelSettings, engine: Engine) -> ModelWorker:
-        """The one place a model's worker is built."""
-        if model.slots > 1:
-            return BatchWorker(model.name, engine, model.queue_size, model.slots)
-        return ModelWorker(model.name, engine, model.queue_size)
+    def _make_worker(self, model: ModelSettings, engine: Engine) -> Scheduler:
+        """The one place a model's scheduler is built."""
+        try:
+            return Scheduler(model.name, engine, model.queue_size, model.n_slots)
+        except BaseException:
+            engine.close()
+            raise

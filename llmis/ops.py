@@ -2,7 +2,8 @@
 auth, rate limits, ``/metrics``, and the graceful-shutdown hook.
 
 Middleware order, outermost first: request id / access log, CORS preflight, (the error
-middleware, which :mod:`llmis.app` places), draining refusal, auth, rate limit.
+middleware, which :mod:`llmis.app` places), Host / Origin checks, draining refusal, auth,
+rate limit.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from collections.abc import Mapping
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from llmis.auth import KeyRing, auth_middleware
+from llmis.auth import KEYRING, KeyRing, auth_middleware
 from llmis.config import Settings
 from llmis.contentfilter import ContentFilter
 from llmis.cors import Cors
 from llmis.logs import echo_request_id, request_middleware
 from llmis.metrics import Metrics
 from llmis.models import ModelManager
+from llmis.origin import OriginPolicy
 from llmis.oversight import Oversight
 from llmis.ratelimit import RateLimiter, ratelimit_middleware
 from llmis.shutdown import Shutdown
@@ -48,6 +50,7 @@ class Operations:
         self.settings = settings
         self.keys = KeyRing.from_settings(settings.auth, os.environ if environ is None else environ)
         self.cors = Cors(settings.cors)
+        self.origins = OriginPolicy(settings.server, self.cors)
         metrics = Metrics(manager)
         self.oversight = Oversight(
             settings=settings,
@@ -69,6 +72,7 @@ class Operations:
             metrics.rate_limited.labels(limit).inc()
 
         return [
+            self.origins.middleware,
             self.oversight.shutdown.middleware,
             auth_middleware(self.keys, self.settings.auth.open_paths),
             ratelimit_middleware(self.oversight.limiter, limited),
@@ -76,6 +80,7 @@ class Operations:
 
     def setup(self, app: web.Application) -> None:
         app[OVERSIGHT] = self.oversight
+        app[KEYRING] = self.keys
         app.router.add_get("/metrics", self.oversight.metrics.handler)
         app.on_response_prepare.append(echo_request_id)
         app.on_response_prepare.append(self.cors.on_prepare)

@@ -2,12 +2,18 @@
 
 Requests are validated with pydantic; a violation becomes a 400 naming the field. Unknown
 request fields are ignored, as llama-server and Ollama do, so clients that send extra
-OpenAI options keep working.
+OpenAI options keep working. ``null`` means the field's default everywhere.
+
+Every sampling parameter is bounded to a range where llama.cpp's samplers are safe (no
+division by zero, no overflow to infinity in float32, no int32 wrap-around); the ranges are
+in :data:`SAMPLING_RANGES` and in the README.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -24,15 +30,23 @@ from pydantic import (
 )
 
 from llmis.engine import FinishReason, SamplingParams
+from llmis.errors import BadRequestError
 
 __all__ = [
+    "GREEDY_BELOW",
+    "MAX_SCHEMA_BYTES",
+    "MAX_STOPS",
+    "MAX_STOP_CHARS",
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
+    "LenientModel",
+    "ResponseFormat",
     "StreamOptions",
     "as_batch",
     "chat_chunk",
     "chat_response",
+    "compile_grammar",
     "completion_chunk",
     "completion_response",
     "new_id",
@@ -40,8 +54,35 @@ __all__ = [
 ]
 
 
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+MAX_STOPS = 16  # stop strings per request (OpenAI allows 4; each is checked at every token)
+MAX_STOP_CHARS = 256  # characters per stop string
+MAX_SCHEMA_BYTES = 64 * 1024  # a response_format JSON schema, serialized
+MAX_LOGIT_BIAS = 1024  # entries in logit_bias
+MAX_TOKEN_ID = 2**31 - 1  # llama.cpp token ids are int32
+MAX_NAME_CHARS = 256  # a model name
+# A temperature above 0 but below this samples greedily: dividing logits by a tiny float32
+# overflows to infinity, and the limit of sampling as the temperature goes to 0 is argmax.
+GREEDY_BELOW = 0.01
+
+
+class LenientModel(BaseModel):
+    """Unknown fields are ignored; ``null`` for a field with a non-null default is the default;
+    NaN and infinities are refused."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: object, info: ValidationInfo) -> object:
+        """Some clients send null for options they leave unset: null means the default."""
+        if value is None and info.field_name is not None:
+            field = cls.model_fields[info.field_name]
+            if not field.is_required() and field.default is not None:
+                return field.get_default(call_default_factory=True)
+        return value
+
+
+_Lenient = LenientModel
 
 
 class TextPart(_Lenient):
@@ -82,57 +123,106 @@ class JsonSchemaSpec(_Lenient):
 
 
 class ResponseFormat(_Lenient):
-    """OpenAI's ``response_format``: JSON output is enforced with a llama.cpp grammar."""
+    """OpenAI's ``response_format``: JSON output is enforced with a llama.cpp grammar.
+
+    Validation only checks the schema's size (at most :data:`MAX_SCHEMA_BYTES` as JSON);
+    turning it into a grammar is CPU work, done by :meth:`compile` in a thread (the handlers
+    call it through :func:`compile_grammar`). :attr:`grammar` compiles on first use if that
+    was skipped, so a request is never served unconstrained.
+    """
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaSpec | None = None
+    _schema_text: str | None = PrivateAttr(default=None)
     _grammar: str | None = PrivateAttr(default=None)
+    _compiled: bool = PrivateAttr(default=False)
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     @model_validator(mode="after")
-    def _to_grammar(self) -> ResponseFormat:
-        if self.type == "json_object":
-            self._grammar = JSON_GBNF
-        elif self.type == "json_schema":
+    def _bounded(self) -> ResponseFormat:
+        if self.type == "json_schema":
             if self.json_schema is None:
                 raise ValueError("type 'json_schema' needs a 'json_schema' object with a 'schema'")
             try:
-                self._grammar = json_schema_to_gbnf(json.dumps(self.json_schema.json_schema))
-            except Exception as exc:  # the converter raises bare exceptions on bad schemas
-                raise ValueError(f"this JSON schema cannot be enforced: {exc}") from None
+                text = json.dumps(self.json_schema.json_schema, separators=(",", ":"))
+            except (RecursionError, ValueError):
+                raise ValueError("the JSON schema is nested too deeply") from None
+            if len(text.encode()) > MAX_SCHEMA_BYTES:
+                raise ValueError(
+                    f"the JSON schema is {len(text.encode())} bytes as JSON; "
+                    f"at most {MAX_SCHEMA_BYTES} are accepted"
+                )
+            self._schema_text = text
         return self
+
+    def compile(self) -> str | None:
+        """The GBNF grammar for this format (blocking: run it in a thread). Idempotent."""
+        with self._lock:
+            if not self._compiled:
+                self._grammar = self._build()
+                self._compiled = True
+            return self._grammar
+
+    def _build(self) -> str | None:
+        if self.type == "json_object":
+            return JSON_GBNF
+        if self.type != "json_schema" or self._schema_text is None:
+            return None
+        try:
+            grammar: str = json_schema_to_gbnf(self._schema_text)
+        except RecursionError:
+            raise BadRequestError(
+                "response_format: the JSON schema is nested too deeply to be enforced",
+                param="response_format",
+                code="invalid_value",
+            ) from None
+        except Exception as exc:  # the converter raises bare exceptions on bad schemas
+            detail = str(exc)[:200] or type(exc).__name__
+            raise BadRequestError(
+                f"response_format: this JSON schema cannot be enforced: {detail}",
+                param="response_format",
+                code="invalid_value",
+            ) from None
+        return grammar
 
     @property
     def grammar(self) -> str | None:
-        return self._grammar
+        return self.compile()
 
 
 class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+MAX_TOKENS = 1_048_576  # the largest n_ctx a model can be configured with
+
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
 class _SamplingRequest(_Lenient):
-    model: str = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    model: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=MAX_TOKEN_ID)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    repeat_penalty: float | None = Field(default=None, gt=0.0)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    repeat_penalty: float | None = Field(default=None, ge=0.01, le=100.0)
+    logit_bias: (
+        Annotated[
+            dict[
+                Annotated[str, Field(pattern=r"^[0-9]{1,10}$")],
+                Annotated[float, Field(ge=-100.0, le=100.0)],
+            ],
+            Field(max_length=MAX_LOGIT_BIAS),
+        ]
+        | None
+    ) = None
     n: int = 1
     stream: bool = False
-
-    @field_validator("n", "stream", mode="before")
-    @classmethod
-    def _null_is_default(cls, value: object, info: ValidationInfo) -> object:
-        """Some clients send null for options they leave unset: null means the default."""
-        if value is None and info.field_name is not None:
-            return cls.model_fields[info.field_name].default
-        return value
 
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -157,19 +247,41 @@ class _SamplingRequest(_Lenient):
             raise ValueError("only n=1 is supported; send separate requests for more choices")
         return value
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stops_bounded(cls, value: object) -> object:
+        """One clear message per problem instead of pydantic's union of two."""
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, list):
+            if len(items) > MAX_STOPS:
+                raise ValueError(f"at most {MAX_STOPS} stop strings are accepted, got {len(items)}")
+            for item in items:
+                if isinstance(item, str) and not item:
+                    raise ValueError("stop strings must not be empty")
+                if isinstance(item, str) and len(item) > MAX_STOP_CHARS:
+                    raise ValueError(
+                        f"stop strings may have at most {MAX_STOP_CHARS} characters, "
+                        f"got one of {len(item)}"
+                    )
+        return value
+
     @field_validator("stop")
     @classmethod
-    def _stops_not_empty(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and any(not s for s in value):
-            raise ValueError("stop strings must not be empty")
+    def _no_empty_list(cls, value: str | list[str] | None) -> str | list[str] | None:
         return value or None
 
-    @field_validator("logit_bias")
+    @field_validator("logit_bias", mode="before")
     @classmethod
-    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        for key in value or {}:
-            if not key.lstrip("-").isdigit() or int(key) < 0:
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+    def _token_ids(cls, value: object) -> object:
+        if isinstance(value, dict):
+            for key in value:
+                if not (isinstance(key, str) and key.isascii() and key.isdigit()) or (
+                    int(key) > MAX_TOKEN_ID
+                ):
+                    raise ValueError(
+                        f"logit_bias keys must be token ids (0 to {MAX_TOKEN_ID}), "
+                        f"got {str(key)[:40]!r}"
+                    )
         return value
 
     @property
@@ -183,9 +295,10 @@ class _SamplingRequest(_Lenient):
         def pick(value: float | None, default: float) -> float:
             return default if value is None else value
 
+        temperature = pick(self.temperature, defaults.temperature)
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=pick(self.temperature, defaults.temperature),
+            temperature=0.0 if temperature < GREEDY_BELOW else temperature,
             top_p=pick(self.top_p, defaults.top_p),
             top_k=self.top_k if self.top_k is not None else defaults.top_k,
             min_p=pick(self.min_p, defaults.min_p),
@@ -201,7 +314,7 @@ class _SamplingRequest(_Lenient):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
 
     @property
     def token_limit(self) -> int | None:
@@ -210,7 +323,7 @@ class ChatCompletionRequest(_SamplingRequest):
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=1, le=MAX_TOKENS)
 
     @field_validator("prompt")
     @classmethod
@@ -224,6 +337,13 @@ class CompletionRequest(_SamplingRequest):
     def prompts(self) -> list[str | list[int]]:
         """The batch: one entry (text or token ids) per choice."""
         return as_batch(self.prompt)
+
+
+async def compile_grammar(request: ChatCompletionRequest | CompletionRequest) -> None:
+    """Build the request's ``response_format`` grammar in a thread, off the event loop."""
+    if request.response_format is not None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, request.response_format.compile)
 
 
 def as_batch(value: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:

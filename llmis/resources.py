@@ -73,16 +73,27 @@ def resolve_resource(resource: str, models_dir: Path) -> Path:
 def safe_model_path(path: Path, models_dir: Path) -> Path:
     """Resolve ``path`` (relative to ``models_dir`` unless absolute) and refuse escapes.
 
-    The resolved path, symlinks followed, must stay inside ``models_dir``.
+    The resolved path, symlinks followed, must stay inside ``models_dir``. Errors name the
+    path as given, never the server's directories; a name the OS refuses (a NUL byte, too
+    long) is a 400.
     """
-    base = models_dir.resolve()
-    candidate = path if path.is_absolute() else models_dir / path
-    resolved = candidate.resolve()
-    if not resolved.is_relative_to(base):
-        raise ModelFileError(
-            f"model path {str(path)!r} leads outside the models dir {str(base)!r}",
-            status=403,
-        )
-    if not resolved.is_file():
-        raise ModelFileError(f"model file {str(path)!r} not found in {str(base)!r}", status=404)
+    shown = _shown(path)
+    try:
+        base = models_dir.resolve()
+        candidate = path if path.is_absolute() else models_dir / path
+        resolved = candidate.resolve()
+        inside = resolved.is_relative_to(base)
+        found = inside and resolved.is_file()
+    except (OSError, ValueError):  # ENAMETOOLONG, ELOOP, "embedded null byte"
+        raise ModelFileError(f"model path {shown} is not a valid file name") from None
+    if not inside:
+        raise ModelFileError(f"model path {shown} leads outside the models dir", status=403)
+    if not found:
+        raise ModelFileError(f"model file {shown} not found in the models dir", status=404)
     return resolved
+
+
+def _shown(path: Path, limit: int = 200) -> str:
+    """``path`` quoted for an error message, cut to ``limit`` characters."""
+    text = str(path)
+    return repr(text if len(text) <= limit else text[:limit] + "...")

@@ -10,6 +10,7 @@ thread right after the query is embedded.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from llmis.index import (
 )
 
 __all__ = ["Hit", "IndexCache", "IndexNotFoundError", "top_k"]
+
+logger = logging.getLogger(__name__)
 
 
 class IndexNotFoundError(APIError):
@@ -109,7 +112,10 @@ class IndexCache:
                 return cached[1]
             try:
                 index = load_index(directory, mmap=True)
-            except (OSError, ValueError) as exc:
-                raise APIError(f"the index '{name}' cannot be read: {exc}") from None
+            except (OSError, ValueError):
+                logger.exception("index %s cannot be read", name)
+                raise APIError(
+                    f"the index '{name}' cannot be read; the server log says why"
+                ) from None
             self._loaded[name] = (key, index)
             return index

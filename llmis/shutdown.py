@@ -6,12 +6,19 @@ still arrive on open connections (503 ``server_shutting_down``) and waits up to
 ``shutdown_grace_seconds`` for requests in flight. Generations still running after the
 grace get a final error event saying the server is shutting down, and their jobs are
 cancelled, so every client learns why its answer stopped; then the server exits 0.
+
+A second SIGINT or SIGTERM while draining forces the exit: it says so on stderr, cuts the
+grace short and stops every running generation at once, still with its final error event;
+the server then exits with 128 + the signal number (130 for Ctrl-C).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
+import sys
 import time
 from collections.abc import Callable
 
@@ -19,7 +26,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from llmis.errors import APIError
-from llmis.worker import Job
+from llmis.jobs import Job
 
 __all__ = ["ServerShuttingDownError", "Shutdown"]
 
@@ -48,8 +55,35 @@ class Shutdown:
         self.grace = grace
         self.draining = False
         self.expired = False
+        self.forced_by: int | None = None  # the signal that forced the exit
         self.inflight = 0
         self._generations: dict[Job, Stopper] = {}
+
+    def force(self, signum: int = signal.SIGINT) -> None:
+        """A second interrupt while draining: stop waiting and end every generation now."""
+        if self.forced_by is not None:
+            return
+        self.forced_by = signum
+        print(
+            f"llmis: {signal.Signals(signum).name} again: forcing the exit; "
+            "open streams end with an error event",
+            file=sys.stderr,
+            flush=True,
+        )
+        logger.warning("second %s: forcing the exit", signal.Signals(signum).name)
+
+    @property
+    def exit_code(self) -> int:
+        """0 after a graceful stop; 128 + the signal number after a forced one."""
+        return 0 if self.forced_by is None else 128 + self.forced_by
+
+    def _catch_second_signal(self) -> None:
+        """While draining, SIGINT / SIGTERM force the exit (aiohttp's handlers would raise
+        out of the shutdown and cut streams without a final event)."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signum, self.force, signum)
 
     def watch(self, job: Job, stop: Stopper) -> None:
         """Register a running generation; ``stop(error)`` ends it when the grace runs out."""
@@ -77,14 +111,17 @@ class Shutdown:
         finally:
             self.inflight -= counted
 
-    async def _wait_idle(self, seconds: float) -> None:
+    async def _wait_idle(self, seconds: float, *, forceable: bool = True) -> None:
         deadline = time.monotonic() + seconds
         while self.busy and time.monotonic() < deadline:
+            if forceable and self.forced_by is not None:
+                return
             await asyncio.sleep(0.05)
 
     async def drain(self, app: web.Application) -> None:
         """``on_shutdown``: wait out the grace, then stop what still runs."""
         self.draining = True
+        self._catch_second_signal()
         logger.info(
             "shutting down: %d requests and %d generations in flight, grace %.1fs",
             self.inflight,
@@ -95,12 +132,22 @@ class Shutdown:
         self.expired = True
         running = self._running()
         if running:
-            logger.warning("grace of %.1fs over: stopping %d generations", self.grace, len(running))
-            error = ServerShuttingDownError(
-                f"The server is shutting down and the grace period of {self.grace:g}s "
-                "for requests in flight has ended; the generation was stopped."
-            )
+            if self.forced_by is not None:
+                logger.warning("forced exit: stopping %d generations", len(running))
+                message = (
+                    "The server was told to stop at once (a second interrupt) while shutting "
+                    "down; the generation was stopped."
+                )
+            else:
+                logger.warning(
+                    "grace of %.1fs over: stopping %d generations", self.grace, len(running)
+                )
+                message = (
+                    f"The server is shutting down and the grace period of {self.grace:g}s "
+                    "for requests in flight has ended; the generation was stopped."
+                )
+            error = ServerShuttingDownError(message)
             for stop in running:
                 stop(error)
-            await self._wait_idle(_FINAL_EVENT_SECONDS)
+            await self._wait_idle(_FINAL_EVENT_SECONDS, forceable=False)
         logger.info("shutdown: requests drained")

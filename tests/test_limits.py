@@ -11,9 +11,9 @@ import pytest
 
 from llmis.config import LimitSettings
 from llmis.engine import SamplingParams
+from llmis.jobs import Delta, Failed, Finished, Job, Started
 from llmis.oversight import Guard
 from llmis.ratelimit import RateLimiter, RateLimitError
-from llmis.worker import Delta, Failed, Finished, Job, Started
 from tests.conftest import OPS_USER_KEY, RunningServer, smollm_config
 from tests.ops_helpers import bearer, chat, finish_reasons, get, post, sample, scrape, stream_chat
 

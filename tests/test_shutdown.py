@@ -15,8 +15,8 @@ from aiohttp.test_utils import make_mocked_request
 
 from llmis.engine import SamplingParams
 from llmis.errors import APIError
+from llmis.jobs import Job
 from llmis.shutdown import ServerShuttingDownError, Shutdown
-from llmis.worker import Job
 from tests.conftest import RunningServer, smollm_config
 from tests.ops_helpers import chat, finish_reasons, sse_payloads, stream_text
 

@@ -21,8 +21,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from llmis.app import create_app
 from llmis.config import Settings
+from llmis.jobs import Finished, Job
+from llmis.scheduler import Scheduler
 from llmis.state import MANAGER
-from llmis.worker import Finished, Job, ModelWorker
 from tests.conftest import SMOLLM_RESOURCE, RunningServer
 
 # SmolLM2's end-of-generation tokens; banning them makes a reply run to max_tokens.
@@ -269,7 +270,7 @@ async def app_client() -> AsyncIterator[TestClient[web.Request, web.Application]
 
 async def spy_jobs(client: TestClient[web.Request, web.Application]) -> list[Job]:
     """The model's worker, with every submitted job recorded in the returned list."""
-    worker: ModelWorker = await client.app[MANAGER].acquire("smollm2")
+    worker: Scheduler = await client.app[MANAGER].acquire("smollm2")
     jobs: list[Job] = []
     submit = worker.submit
 

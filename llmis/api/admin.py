@@ -2,8 +2,9 @@
 
 * ``GET /admin/models``: every model with its state, predicted and measured RAM, last use,
   queue depth and jobs in flight; the aliases; the budget and the server's RSS.
-* ``POST /admin/models/load {name, path?, n_ctx?, n_gpu_layers?, pin?}``: load now (200 when
-  loaded). ``path`` is a file inside the models dir (403 outside it, 400 if not GGUF).
+* ``POST /admin/models/load {name, path?, n_ctx?, n_gpu_layers?, pin?, replace?}``: load now
+  (200 when loaded). ``path`` is a file inside the models dir (403 outside it, 400 if not
+  GGUF); a name that exists with another file is a 409 unless ``replace`` is true.
 * ``POST /admin/models/unload {name}``: drain, then free (200 when freed). Requests already
   holding the model, running or queued, finish first; new ones wait and load it again.
 * ``POST /admin/models/swap {alias, to}``: load ``to`` (``v2`` or ``name@v2``), then repoint
@@ -17,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from llmis.api.middleware import read_json
 from llmis.catalog import ModelEntry
 from llmis.memory import process_rss
 from llmis.models import ModelManager
+from llmis.protocol import LenientModel
 from llmis.state import MANAGER
 
 __all__ = ["describe", "routes"]
@@ -32,16 +34,19 @@ routes = web.RouteTableDef()
 _NAME = r"^[A-Za-z0-9._:@/-]+$"
 
 
-class _Body(BaseModel):
+class _Body(LenientModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class LoadBody(_Body):
     name: str = Field(min_length=1, max_length=200, pattern=_NAME)
-    path: str | None = Field(default=None, min_length=1, max_length=4096)
+    path: str | None = Field(default=None, min_length=1, max_length=4096, pattern=r"^[^\x00]+$")
     n_ctx: int | None = Field(default=None, ge=16, le=1_048_576)
-    n_gpu_layers: int | None = Field(default=None, ge=-1)
+    n_gpu_layers: int | None = Field(default=None, ge=-1, le=100_000)
     pin: bool | None = None
+    replace: bool = Field(
+        default=False, description="point an existing name at another file (else 409)"
+    )
 
 
 class UnloadBody(_Body):
@@ -71,6 +76,8 @@ def describe(manager: ModelManager, entry: ModelEntry) -> dict[str, Any]:
         "queue_depth": entry.queued,
         "in_flight": entry.in_flight,
         "slots": [asdict(s) for s in entry.worker.slot_stats()] if entry.worker else [],
+        "kv_bytes": entry.worker.kv_bytes if entry.worker else None,
+        "flash_attn": entry.worker.flash_attn if entry.worker else None,
         "evictions": manager.evictions.get(entry.name, 0),
         "error": entry.error,
         "gguf": entry.metadata(),
@@ -103,6 +110,7 @@ async def load_model(request: web.Request) -> web.Response:
         n_ctx=body.n_ctx,
         n_gpu_layers=body.n_gpu_layers,
         pin=body.pin,
+        replace=body.replace,
     )
     return web.json_response(describe(manager, entry))
 

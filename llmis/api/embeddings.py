@@ -14,11 +14,11 @@ import base64
 from typing import Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from llmis.api.middleware import read_json
 from llmis.embeddings import embed_on_worker, lease_embedder, truncate_dimensions
-from llmis.protocol import as_batch
+from llmis.protocol import LenientModel, as_batch
 from llmis.state import MANAGER
 
 __all__ = ["MAX_INPUTS", "EmbeddingRequest", "routes"]
@@ -29,8 +29,8 @@ CHUNK = 64  # inputs per worker call: a disconnected client stops the rest betwe
 routes = web.RouteTableDef()
 
 
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class EmbeddingRequest(LenientModel):
+    """``null`` for a field means its default."""
 
     model: str = Field(min_length=1)
     input: str | list[str] | list[int] | list[list[int]]

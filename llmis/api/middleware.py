@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from llmis.errors import APIError, BadRequestError, error_body
 from llmis.state import SETTINGS
 
-__all__ = ["error_middleware", "read_json", "validation_error"]
+__all__ = ["error_middleware", "parse_json", "read_json", "validation_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +53,25 @@ async def read_json(request: web.Request) -> object:
             status=413,
             code="request_too_large",
         ) from None
+    return parse_json(raw, "body of your request")
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(raw: bytes | str, what: str = "body of your request") -> object:
+    """Strict JSON (no NaN / Infinity), or a 400 ``invalid_json``; deep nesting is a 400 too."""
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
         raise BadRequestError(
-            f"We could not parse the JSON body of your request: {exc}",
-            status=400,
+            f"We could not parse the JSON {what}: it is nested too deeply.",
             code="invalid_json",
+        ) from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise BadRequestError(
+            f"We could not parse the JSON {what}: {exc}", code="invalid_json"
         ) from None
 
 

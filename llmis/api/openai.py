@@ -5,11 +5,13 @@ from __future__ import annotations
 from aiohttp import web
 
 from llmis.api.middleware import read_json
+from llmis.jobs import Delta, Failed, Finished
 from llmis.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     chat_chunk,
     chat_response,
+    compile_grammar,
     completion_chunk,
     completion_response,
     new_id,
@@ -19,7 +21,6 @@ from llmis.protocol import (
 from llmis.serving import Generation, start_chat, start_completion
 from llmis.sse import EventStream
 from llmis.state import MANAGER, SETTINGS
-from llmis.worker import Delta, Failed, Finished
 
 __all__ = ["routes"]
 
@@ -44,6 +45,7 @@ async def get_model(request: web.Request) -> web.Response:
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = ChatCompletionRequest.model_validate(await read_json(request))
+    await compile_grammar(req)
     generation = await start_chat(request.app[MANAGER], req)
     try:
         if req.stream:
@@ -68,6 +70,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     req = CompletionRequest.model_validate(await read_json(request))
+    await compile_grammar(req)
     generation = await start_completion(request.app[MANAGER], req)
     try:
         if req.stream:
@@ -93,8 +96,9 @@ async def _stream_chat(
 ) -> web.StreamResponse:
     id_, created, model = new_id("chatcmpl"), now(), generation.model
     usage = req.include_usage
-    keepalive = request.app[SETTINGS].server.keepalive_seconds
-    sse = EventStream(request)
+    server = request.app[SETTINGS].server
+    keepalive = server.keepalive_seconds
+    sse = EventStream(request, write_timeout=server.write_timeout_seconds)
     try:
         await sse.prepare()
         await sse.send(
@@ -134,8 +138,9 @@ async def _stream_completion(
 ) -> web.StreamResponse:
     id_, created, model = new_id("cmpl"), now(), generation.model
     usage = req.include_usage
-    keepalive = request.app[SETTINGS].server.keepalive_seconds
-    sse = EventStream(request)
+    server = request.app[SETTINGS].server
+    keepalive = server.keepalive_seconds
+    sse = EventStream(request, write_timeout=server.write_timeout_seconds)
     prompt_tokens = completion_tokens = cached_tokens = 0
     try:
         await sse.prepare()

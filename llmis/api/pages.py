@@ -15,6 +15,7 @@ from aiohttp import web
 
 import llmis
 from llmis import __version__
+from llmis.errors import APIError
 from llmis.state import MANAGER
 
 __all__ = ["CSP", "setup", "templates_dir"]
@@ -59,4 +60,14 @@ def setup(app: web.Application) -> None:
         autoescape=jinja2.select_autoescape(default=True),
     )
     app.add_routes(routes)
-    app.router.add_static("/static/", directory / "static", name="static")
+    # Only the files shipped in templates/static, by exact name: a request for anything else
+    # is a 404 in the API's error shape before a path reaches the filesystem.
+    assets = {p.name: p for p in (directory / "static").iterdir() if p.is_file()}
+
+    async def asset(request: web.Request) -> web.StreamResponse:
+        path = assets.get(request.match_info["name"])
+        if path is None:
+            raise APIError("no such asset", status=404, code="not_found")
+        return web.FileResponse(path)
+
+    app.router.add_get("/static/{name}", asset, name="static")

@@ -12,13 +12,14 @@ import asyncio
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from llmis.api.middleware import read_json
 from llmis.embeddings import Embeddings, acquire_embedder, embed
 from llmis.engine import Engine
 from llmis.errors import BadRequestError
 from llmis.index import Manifest
+from llmis.protocol import LenientModel
 from llmis.search import Hit, IndexCache, top_k
 from llmis.state import INDEXES, MANAGER, SETTINGS
 
@@ -29,8 +30,8 @@ MAX_TOP_K = 100
 routes = web.RouteTableDef()
 
 
-class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class SearchRequest(LenientModel):
+    """``null`` for a field means its default."""
 
     index: str = Field(min_length=1)
     query: str = Field(min_length=1)

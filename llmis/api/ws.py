@@ -17,7 +17,6 @@ every job of the socket.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
@@ -29,14 +28,16 @@ from typing import Any, Literal
 from aiohttp import WSCloseCode, WSMsgType, web
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
 
-from llmis.api.middleware import validation_error
+from llmis.api.middleware import parse_json, validation_error
 from llmis.errors import APIError, BadRequestError
-from llmis.protocol import ChatCompletionRequest, usage
+from llmis.jobs import Delta, Failed, Finished
+from llmis.protocol import ChatCompletionRequest, compile_grammar, usage
+from llmis.ratelimit import RateLimitError
 from llmis.request_context import current_request, new_request_id, request_scope
 from llmis.serving import Generation, start_chat
-from llmis.state import MANAGER, SETTINGS
+from llmis.sse import within
+from llmis.state import MANAGER, OVERSIGHT, SETTINGS
 from llmis.trimming import start_trimmed_chat
-from llmis.worker import Delta, Failed, Finished
 
 __all__ = ["SOCKETS", "heartbeat_seconds", "routes", "setup"]
 
@@ -77,15 +78,40 @@ class _Session:
 
     def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
         self.manager = request.app[MANAGER]
+        self.oversight = request.app.get(OVERSIGHT)
         self.ws = ws
+        self.transport = request.transport
         self.chats: dict[ChatId, _Chat] = {}
+        self.write_timeout = request.app[SETTINGS].server.write_timeout_seconds
+        ctx = current_request()
+        # The client as the rate-limit middleware knew it when the socket was opened.
+        self.rate_key = ctx.rate_key if ctx is not None and ctx.rate_key else None
+
+    def admit(self) -> None:
+        """Each chat message is a request for the rate limits, as an HTTP request is."""
+        if self.oversight is None or self.rate_key is None:
+            return
+        try:
+            self.oversight.limiter.admit(self.rate_key)
+        except RateLimitError as exc:
+            self.oversight.metrics.rate_limited.labels(exc.limit).inc()
+            raise
 
     async def send(self, event: dict[str, Any]) -> None:
         if self.ws.closed:
             return
         # A socket going away raises here; its reader loop then ends and cancels the jobs.
-        with contextlib.suppress(ConnectionResetError):
-            await self.ws.send_json(event, dumps=_dumps)
+        # A client that stops reading is closed once a write has waited write_timeout.
+        try:
+            await within(self.ws.send_json(event, dumps=_dumps), self.write_timeout)
+        except ConnectionResetError:
+            pass
+        except asyncio.TimeoutError:  # TimeoutError on 3.11+, its own class on 3.10
+            logger.warning(
+                "websocket write stalled for %gs: dropping the client", self.write_timeout
+            )
+            if self.transport is not None:
+                self.transport.abort()  # the reader loop ends, which cancels the jobs
 
     async def error(self, id_: ChatId | None, exc: APIError) -> None:
         await self.send({"type": "error", "id": id_, "status": exc.status, **exc.body()})
@@ -94,12 +120,7 @@ class _Session:
         """Act on one client message; every problem becomes an ``error`` event."""
         id_: ChatId | None = None
         try:
-            try:
-                data = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise BadRequestError(
-                    f"We could not parse the JSON of your message: {exc}", code="invalid_json"
-                ) from None
+            data = parse_json(raw, "of your message")
             if not isinstance(data, dict):
                 raise BadRequestError("a message must be a JSON object", code="invalid_value")
             raw_id = data.get("id")
@@ -126,6 +147,7 @@ class _Session:
                 )
             body = {k: v for k, v in data.items() if k not in _ENVELOPE_KEYS}
             request = ChatCompletionRequest.model_validate(body)
+            self.admit()
         except ValidationError as exc:
             await self.error(id_, validation_error(exc))
             return
@@ -175,6 +197,7 @@ class _Session:
     async def _chat(self, id_: ChatId, request: ChatCompletionRequest, trim: bool) -> None:
         generation: Generation | None = None
         try:
+            await compile_grammar(request)
             if trim:
                 generation, trimmed = await start_trimmed_chat(self.manager, request)
             else:
