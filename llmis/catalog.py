@@ -53,6 +53,12 @@ class ModelEntry:
     def __post_init__(self) -> None:
         self.pinned = self.pinned or self.settings.pin
 
+    def record_failure(self) -> None:
+        """A failed load (or a dead scheduler): back off before the next try, 2 s doubling
+        to 60 s."""
+        self.failures += 1
+        self.retry_at = time.monotonic() + min(60.0, 2.0**self.failures)
+
     @property
     def name(self) -> str:
         return self.settings.name

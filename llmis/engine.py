@@ -176,6 +176,7 @@ class Sampler:
                 chain.close()
                 raise
             self._candidates = np.zeros(self.n_vocab, dtype=_TOKEN_DATA)
+            self._ids = np.arange(self.n_vocab, dtype=np.int32)
 
     def sample(self, ctx: llama_cpp.llama_context_p, index: int) -> int:
         """Sample (and accept) the next token from the logits at batch ``index``."""
@@ -184,7 +185,7 @@ class Sampler:
         cand = self._candidates
         assert cand is not None
         logits = llama_cpp.llama_get_logits_ith(ctx, index)
-        cand["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        cand["id"] = self._ids  # the chain sorts the array in place: reset it every token
         cand["logit"] = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
         cand["p"] = 0.0
         array = llama_cpp.llama_token_data_array(
@@ -479,7 +480,7 @@ class Engine:
 
     # ----- the generation context (the scheduler's thread) -----
 
-    def create_context(self, n_seq: int, *, unified: bool = False) -> GenerationContext:
+    def create_context(self, n_seq: int) -> GenerationContext:
         """A llama context for ``n_seq`` sequences with ``n_ctx`` KV cells for each.
 
         One KV stream per sequence (``kv_unified`` off), chosen by measurement: in a unified
@@ -493,7 +494,7 @@ class Engine:
         params.n_seq_max = n_seq
         params.n_threads = params.n_threads_batch = self.threads
         params.flash_attn_type = _FLASH_ATTN_TYPE[self.flash_attn]
-        params.kv_unified = unified
+        params.kv_unified = False
         params.embeddings = False
         params.no_perf = True
         lines: list[str] = []

@@ -251,8 +251,8 @@ class ModelManager:
                 wait = entry.retry_at - time.monotonic()
                 if wait > 0:  # a failed load is retried with backoff, not on every request
                     raise ModelUnavailableError(
-                        f"model '{entry.name}' failed to load ({entry.error}); "
-                        f"it is retried in {wait:.0f}s",
+                        f"model '{entry.name}' failed to load; it is retried in {wait:.0f}s "
+                        "(the reason is in the server log)",
                         param="model",
                         code="model_failed",
                         headers={"Retry-After": str(max(1, round(wait)))},
@@ -304,8 +304,7 @@ class ModelManager:
                 entry.state = ModelState.AVAILABLE if fits_later else ModelState.FAILED
                 entry.error = exc.message if isinstance(exc, APIError) else str(exc)
                 if not fits_later:
-                    entry.failures += 1
-                    entry.retry_at = time.monotonic() + min(60.0, 2.0**entry.failures)
+                    entry.record_failure()
                 logger.error("model %s was not loaded: %s", entry.name, entry.error)
                 raise
         entry.worker = worker
@@ -418,8 +417,7 @@ class ModelManager:
         entry.worker = None
         entry.state = ModelState.FAILED
         entry.error = f"its scheduler failed ({worker.failure})"
-        entry.failures += 1
-        entry.retry_at = time.monotonic() + min(60.0, 2.0**entry.failures)
+        entry.record_failure()
         logger.error("model %s: %s", entry.name, entry.error)
         task = asyncio.get_running_loop().create_task(self._close_worker(worker))
         self._background.add(task)
@@ -446,8 +444,7 @@ class ModelManager:
         worker, entry.worker = entry.worker, None
         try:
             if worker is not None:
-                await asyncio.get_running_loop().run_in_executor(None, worker.close)
-                release_free_heap()
+                await self._close_worker(worker)
         finally:
             entry.state = ModelState.AVAILABLE
             entry.unload_task = None

@@ -214,9 +214,9 @@ class Scheduler:
     def cancel(self, job: Job | CallJob) -> None:
         """Cancel ``job``: drop it if still queued, stop it before the next step if running."""
         job.cancel.set()
-        with self._cond, contextlib.suppress(ValueError):
-            self._queue.remove(job)
         with self._cond:
+            with contextlib.suppress(ValueError):
+                self._queue.remove(job)
             self._cond.notify_all()
 
     def close(self, timeout: float = 30.0) -> None:
