@@ -175,18 +175,29 @@ class Sampler:
             except APIError:
                 chain.close()
                 raise
-            self._candidates = np.zeros(self.n_vocab, dtype=_TOKEN_DATA)
-            self._ids = np.arange(self.n_vocab, dtype=np.int32)
 
     def sample(self, ctx: llama_cpp.llama_context_p, index: int) -> int:
         """Sample (and accept) the next token from the logits at batch ``index``."""
         if self._grammar is None:
             return int(llama_cpp.llama_sampler_sample(self._chain.sampler, ctx, index))
-        cand = self._candidates
-        assert cand is not None
         logits = llama_cpp.llama_get_logits_ith(ctx, index)
+        return self._sample_array(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)))
+
+    def sample_logits(self, logits: np.ndarray[Any, Any]) -> int:
+        """Sample (and accept) the next token from a saved row of logits.
+
+        Gives the token :meth:`sample` gives for the same logits: llama.cpp's
+        ``llama_sampler_sample`` applies the chain to the same candidate array.
+        """
+        return self._sample_array(logits)
+
+    def _sample_array(self, logits: np.ndarray[Any, Any]) -> int:
+        if self._candidates is None:
+            self._candidates = np.zeros(self.n_vocab, dtype=_TOKEN_DATA)
+            self._ids = np.arange(self.n_vocab, dtype=np.int32)
+        cand = self._candidates
         cand["id"] = self._ids  # the chain sorts the array in place: reset it every token
-        cand["logit"] = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+        cand["logit"] = logits
         cand["p"] = 0.0
         array = llama_cpp.llama_token_data_array(
             data=cand.ctypes.data_as(llama_cpp.llama_token_data_p),
@@ -194,24 +205,27 @@ class Sampler:
             selected=-1,
             sorted=False,
         )
-        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(array))
-        allowed = cand["logit"].copy()  # rejected tokens are -inf now; ids are still 0..n-1
-        if not np.isfinite(allowed).any():
-            raise SamplingError(
-                "the response_format grammar allows no token here; the generation was stopped",
-                param="response_format",
-                code="grammar_dead_end",
-            )
+        allowed: np.ndarray[Any, Any] | None = None
+        if self._grammar is not None:
+            llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(array))
+            allowed = cand["logit"].copy()  # rejected tokens are -inf now; ids still 0..n-1
+            if not np.isfinite(allowed).any():
+                raise SamplingError(
+                    "the response_format grammar allows no token here; the generation was stopped",
+                    param="response_format",
+                    code="grammar_dead_end",
+                )
         llama_cpp.llama_sampler_apply(self._chain.sampler, ctypes.byref(array))
         token = -1
         if 0 <= array.selected < array.size:
             token = int(cand["id"][array.selected])
-        if not (0 <= token < self.n_vocab and np.isfinite(allowed[token])):
+        if allowed is not None and not (0 <= token < self.n_vocab and np.isfinite(allowed[token])):
             # the chain picked a token the grammar rejects (NaN weights, or a truncation
             # that left no allowed candidate): take the most likely allowed one instead
             token = int(np.argmax(np.where(np.isfinite(allowed), allowed, -np.inf)))
         llama_cpp.llama_sampler_accept(self._chain.sampler, token)
-        llama_cpp.llama_sampler_accept(self._grammar, token)
+        if self._grammar is not None:
+            llama_cpp.llama_sampler_accept(self._grammar, token)
         return token
 
     def close(self) -> None:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import llama_cpp
+import numpy as np
 
 from llmis.engine import Engine, GenerationContext, Sampler, TextStream
 from llmis.errors import APIError, ModelUnavailableError, QueueFullError
@@ -67,6 +68,14 @@ class _Slot:
     logits_at: int = -1  # batch index of this sequence's logits after a decode
     cached: int = 0  # prompt tokens reused from the slot's previous sequence
     last_used: int = 0
+    # the logits after the last prompt token of the slot's previous job: a request for the
+    # same prompt samples from them without a decode (``prompt_canonical``: that prompt was
+    # evaluated in aligned chunks, as a fresh context evaluates it, so seeds may use them)
+    prompt_logits: np.ndarray[Any, Any] | None = None
+    prompt_len: int = 0
+    prompt_canonical: bool = False
+    evaluating_canonically: bool = False  # this job's prompt is being evaluated canonically
+    from_logits: bool = False  # this job samples its first token from ``prompt_logits``
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -348,8 +357,20 @@ class Scheduler:
             job.settle(error=exc)
 
     def _reuse(self, slot: _Slot, prompt: Sequence[int], seeded: bool) -> int:
-        """How many of ``prompt``'s tokens to take from the slot's KV cache."""
-        shared = min(_common_prefix(slot.tokens, prompt), len(prompt) - 1)
+        """How many of ``prompt``'s tokens to take from the slot's KV cache.
+
+        All of them when the slot saved the logits after exactly this prompt (for a seeded
+        request, only logits of a canonical evaluation); otherwise at least the last token
+        is evaluated again, to get its logits.
+        """
+        shared = _common_prefix(slot.tokens, prompt)
+        if (
+            shared == len(prompt) == slot.prompt_len
+            and slot.prompt_logits is not None
+            and (slot.prompt_canonical or not seeded)
+        ):
+            return shared
+        shared = min(shared, len(prompt) - 1)
         if not seeded:
             return shared
         # only whole aligned chunks, themselves evaluated as aligned chunks: the same KV a
@@ -371,9 +392,14 @@ class Scheduler:
             ):
                 llama_cpp.llama_memory_seq_rm(mem, slot.seq_id, -1, -1)
                 keep = 0
+            slot.evaluating_canonically = keep % self.chunk == 0 and keep <= slot.canonical
             slot.tokens = prompt[:keep]
             slot.canonical = min(slot.canonical, keep)
             slot.pending = prompt[keep:]
+            slot.from_logits = keep == len(prompt)
+            if keep < slot.prompt_len:  # the KV behind the saved logits is going away
+                slot.prompt_logits = None
+                slot.prompt_len = 0
             slot.cached = keep
             slot.next_token = None
             slot.sampler = Sampler(job.params, self.engine.vocab)
@@ -408,14 +434,27 @@ class Scheduler:
             llama_cpp.llama_memory_seq_rm(mem, slot.seq_id, -1, -1)
             slot.tokens = []
             slot.canonical = 0
+            slot.prompt_logits = None
+            slot.prompt_len = 0
         if slot.sampler is not None:
             slot.sampler.close()
         slot.sampler = slot.out = None
         slot.pending = []
         slot.next_token = None
         slot.logits_at = -1
+        slot.from_logits = False
         with self._cond:
             slot.job = None
+
+    def _save_prompt_logits(self, slot: _Slot, ctx: llama_cpp.llama_context_p) -> None:
+        """Keep the logits after the prompt, for the next request with the same prompt."""
+        n_vocab = self.engine.n_vocab
+        if slot.prompt_logits is None or slot.prompt_logits.shape != (n_vocab,):
+            slot.prompt_logits = np.empty(n_vocab, dtype=np.float32)
+        row = llama_cpp.llama_get_logits_ith(ctx, slot.logits_at)
+        slot.prompt_logits[:] = np.ctypeslib.as_array(row, shape=(n_vocab,))
+        slot.prompt_len = len(slot.tokens)
+        slot.prompt_canonical = slot.evaluating_canonically
 
     def _step(self, outbox: list[tuple[Job, JobEvent]]) -> None:
         """One ``llama_decode`` over every active sequence, then one sample for each."""
@@ -455,10 +494,11 @@ class Scheduler:
             if start == slot.canonical and start % chunk == 0 and size == chunk:
                 slot.canonical = start + size  # a whole aligned chunk on a canonical prefix
             in_batch.append(slot)
-        if n == 0:
+        ready = [s for s in active if s.from_logits]
+        if n == 0 and not ready:
             return
         batch.n_tokens = n
-        status = llama_cpp.llama_decode(gen.ctx, batch)
+        status = llama_cpp.llama_decode(gen.ctx, batch) if n else 0
         if status != 0:
             logger.error("llama_decode returned %d in model %s", status, self.name)
             error = APIError("the model failed to evaluate this batch; retry the request")
@@ -468,12 +508,19 @@ class Scheduler:
                     self._release(slot, forget=True)
             return
         for slot in active:
-            if slot.logits_at < 0:
+            if slot.logits_at < 0 and not slot.from_logits:
                 continue
             job, sampler, out = slot.job, slot.sampler, slot.out
             assert job is not None and sampler is not None and out is not None
             try:
-                token = sampler.sample(gen.ctx, slot.logits_at)
+                if slot.from_logits:
+                    assert slot.prompt_logits is not None
+                    slot.from_logits = False
+                    token = sampler.sample_logits(slot.prompt_logits)
+                else:
+                    if len(slot.tokens) == len(job.prompt):  # the prompt's last token
+                        self._save_prompt_logits(slot, gen.ctx)
+                    token = sampler.sample(gen.ctx, slot.logits_at)
             except Exception as exc:
                 self._fail_slot(slot, job, exc, "sampling failed for", outbox)
                 continue

@@ -173,6 +173,29 @@ async def test_seeded_sampling_is_reproducible_with_the_prompt_cache_on(
     assert other_seed != fresh
 
 
+async def test_a_repeated_prompt_samples_from_the_saved_logits(
+    worker: Scheduler, engine: Engine
+) -> None:
+    """The same prompt again needs no decode before its first token, seeded or not, and
+    gives what a fresh context gives."""
+    prompt = engine.chat_prompt(messages("Invent a name for a dog."))
+    [fresh_seeded] = await single([prompt], seeded(11))
+    [fresh_greedy] = await single([prompt])
+    first = Run(worker, prompt, seeded(11))
+    assert await first.result() == fresh_seeded
+    assert first.finished is not None and first.finished.cached_tokens == 0
+    for params, expected in [(seeded(11), fresh_seeded), (GREEDY, fresh_greedy)] * 2:
+        again = Run(worker, prompt, params)
+        assert await again.result() == expected
+        assert again.finished is not None
+        assert again.finished.cached_tokens == len(prompt)  # every prompt token from cache
+    # a prompt extending the cached one is evaluated past it, and still matches
+    longer = prompt + engine.tokenize(" Also", add_bos=False)
+    [fresh_longer] = await single([longer], seeded(11))
+    extended = Run(worker, longer, seeded(11))
+    assert await extended.result() == fresh_longer
+
+
 async def test_all_slots_free_after_a_burst(worker: Scheduler, engine: Engine) -> None:
     prompts = [engine.chat_prompt(messages(q)) for q in QUESTIONS] * 2  # 10 jobs, 3 slots
     params = SamplingParams(max_tokens=8, temperature=0)
