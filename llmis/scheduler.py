@@ -2,12 +2,16 @@
 
 Every generating model runs here; one sequence is a batch of one. The scheduler owns the
 model's only llama context (``n_seq_max = slots``, one KV stream of ``n_ctx`` cells per slot)
-and a thread that loops over decode steps. Each step puts into one ``llama_batch`` (at most
-``n_batch`` tokens) the next token of every generating sequence, then one prompt chunk of each
-sequence still evaluating its prompt (chunked prefill: a long prompt is spread over steps, so
-the other streams keep getting tokens). After the decode every sequence with logits samples
+and a thread that loops over decode steps. Each step decodes the next token of every
+generating sequence in one ``llama_batch``, then one prompt chunk of each sequence still
+evaluating its prompt, each chunk in a decode of its own (chunked prefill: a long prompt is
+spread over steps, so the other streams keep getting tokens; at most ``n_batch`` tokens a
+step). llama.cpp cuts a batch that mixes sequences into micro-batches with the same number of
+tokens per sequence, so a chunk beside decode rows would be evaluated in two pieces anyway;
+alone it is evaluated the same way every time. After each decode its sequences sample, each
 with its own :class:`~llmis.engine.Sampler`; one step's events go to each event loop with a
-single wake-up.
+single wake-up. A request whose prompt equals the one a slot just evaluated samples its first
+token from that prompt's saved logits, with no decode at all.
 
 Prompt chunks are aligned to fixed positions (multiples of :attr:`Scheduler.chunk`), and a
 sequence never has two chunks in one step. llama.cpp's kernels give bit-identical results
@@ -457,83 +461,100 @@ class Scheduler:
         slot.prompt_canonical = slot.evaluating_canonically
 
     def _step(self, outbox: list[tuple[Job, JobEvent]]) -> None:
-        """One ``llama_decode`` over every active sequence, then one sample for each."""
-        batch, gen = self._batch, self._gen
-        assert batch is not None and gen is not None
-        n = 0
-        chunk = self.chunk
-
-        def add(slot: _Slot, token: int, logits: bool) -> None:
-            nonlocal n
-            batch.token[n] = token
-            batch.pos[n] = len(slot.tokens)
-            batch.n_seq_id[n] = 1
-            batch.seq_id[n][0] = slot.seq_id
-            batch.logits[n] = logits
-            slot.tokens.append(token)
-            if logits:
-                slot.logits_at = n
-            n += 1
-
+        """One decode of every generating sequence's next token, then one prompt chunk of
+        each sequence still evaluating its prompt (each chunk a decode of its own, so it is
+        evaluated the same whatever else is in flight); each sequence with logits samples."""
+        gen = self._gen
+        assert gen is not None
         active = [s for s in self._slots if s.job is not None]
         for slot in active:
-            if slot.next_token is not None:
-                add(slot, slot.next_token, True)
+            if slot.from_logits:  # the same prompt as before: its saved logits, no decode
+                self._sample(slot, outbox)
+        rows = [s for s in active if s.next_token is not None]
+        if rows:
+            self._clear()
+            for slot in rows:
+                assert slot.next_token is not None
+                self._add(slot, slot.next_token, True)
                 slot.next_token = None
-        in_batch = [s for s in active if s.logits_at >= 0]
+            if self._decode(rows, outbox):
+                for slot in rows:
+                    self._sample(slot, outbox)
+        room = gen.n_batch - len(rows)
+        chunk = self.chunk
         for slot in sorted(active, key=lambda s: s.last_used):
-            if not slot.pending:
+            if not slot.pending or slot.job is None:
                 continue
             start = len(slot.tokens)
             size = min(len(slot.pending), chunk - start % chunk)  # up to the next boundary
-            if size > gen.n_batch - n:
+            if size > room:
                 continue  # never split a chunk: it waits for the next step
+            room -= size
             piece, slot.pending = slot.pending[:size], slot.pending[size:]
+            self._clear()
             for i, token in enumerate(piece):
-                add(slot, token, not slot.pending and i == size - 1)
+                self._add(slot, token, not slot.pending and i == size - 1)
             if start == slot.canonical and start % chunk == 0 and size == chunk:
                 slot.canonical = start + size  # a whole aligned chunk on a canonical prefix
-            in_batch.append(slot)
-        ready = [s for s in active if s.from_logits]
-        if n == 0 and not ready:
-            return
-        batch.n_tokens = n
-        status = llama_cpp.llama_decode(gen.ctx, batch) if n else 0
-        if status != 0:
-            logger.error("llama_decode returned %d in model %s", status, self.name)
-            error = APIError("the model failed to evaluate this batch; retry the request")
-            for slot in in_batch:
-                if slot.job is not None:
-                    outbox.append((slot.job, Failed(error)))
-                    self._release(slot, forget=True)
-            return
-        for slot in active:
-            if slot.logits_at < 0 and not slot.from_logits:
-                continue
-            job, sampler, out = slot.job, slot.sampler, slot.out
-            assert job is not None and sampler is not None and out is not None
-            try:
-                if slot.from_logits:
-                    assert slot.prompt_logits is not None
-                    slot.from_logits = False
-                    token = sampler.sample_logits(slot.prompt_logits)
-                else:
-                    if len(slot.tokens) == len(job.prompt):  # the prompt's last token
-                        self._save_prompt_logits(slot, gen.ctx)
-                    token = sampler.sample(gen.ctx, slot.logits_at)
-            except Exception as exc:
-                self._fail_slot(slot, job, exc, "sampling failed for", outbox)
-                continue
-            slot.logits_at = -1
-            step = out.push(token)
-            if step is not None and step.text:
-                outbox.append((job, Delta(step.text)))
-            if step is not None and step.finish_reason is not None:
-                n_prompt, n_out = len(job.prompt), step.completion_tokens
-                outbox.append((job, Finished(step.finish_reason, n_prompt, n_out, slot.cached)))
-                self._release(slot)
+            if self._decode([slot], outbox) and not slot.pending:
+                self._sample(slot, outbox)
+
+    def _clear(self) -> None:
+        self._batch.n_tokens = 0
+
+    def _add(self, slot: _Slot, token: int, logits: bool) -> None:
+        batch = self._batch
+        n = batch.n_tokens
+        batch.token[n] = token
+        batch.pos[n] = len(slot.tokens)
+        batch.n_seq_id[n] = 1
+        batch.seq_id[n][0] = slot.seq_id
+        batch.logits[n] = logits
+        slot.tokens.append(token)
+        if logits:
+            slot.logits_at = n
+        batch.n_tokens = n + 1
+
+    def _decode(self, slots: list[_Slot], outbox: list[tuple[Job, JobEvent]]) -> bool:
+        """Decode the batch; on failure fail the sequences in it (the others go on)."""
+        assert self._gen is not None
+        status = llama_cpp.llama_decode(self._gen.ctx, self._batch)
+        if status == 0:
+            return True
+        logger.error("llama_decode returned %d in model %s", status, self.name)
+        error = APIError("the model failed to evaluate this batch; retry the request")
+        for slot in slots:
+            if slot.job is not None:
+                outbox.append((slot.job, Failed(error)))
+                self._release(slot, forget=True)
+        return False
+
+    def _sample(self, slot: _Slot, outbox: list[tuple[Job, JobEvent]]) -> None:
+        """Sample the slot's next token from the last decode (or its saved prompt logits)."""
+        job, sampler, out, gen = slot.job, slot.sampler, slot.out, self._gen
+        assert job is not None and sampler is not None and out is not None and gen is not None
+        try:
+            if slot.from_logits:
+                assert slot.prompt_logits is not None
+                slot.from_logits = False
+                token = sampler.sample_logits(slot.prompt_logits)
             else:
-                slot.next_token = token
+                if len(slot.tokens) == len(job.prompt):  # the prompt's last token
+                    self._save_prompt_logits(slot, gen.ctx)
+                token = sampler.sample(gen.ctx, slot.logits_at)
+        except Exception as exc:
+            self._fail_slot(slot, job, exc, "sampling failed for", outbox)
+            return
+        slot.logits_at = -1
+        step = out.push(token)
+        if step is not None and step.text:
+            outbox.append((job, Delta(step.text)))
+        if step is not None and step.finish_reason is not None:
+            n_prompt, n_out = len(job.prompt), step.completion_tokens
+            outbox.append((job, Finished(step.finish_reason, n_prompt, n_out, slot.cached)))
+            self._release(slot)
+        else:
+            slot.next_token = token
 
 
 def _as_api_error(exc: BaseException) -> APIError:
