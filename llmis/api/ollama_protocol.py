@@ -17,9 +17,9 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from llmis.api.middleware import validation_error
+from llmis.api.translate import validate_as
 from llmis.errors import BadRequestError
 from llmis.protocol import ChatCompletionRequest, CompletionRequest, LenientModel
 
@@ -79,20 +79,6 @@ def keep_alive_seconds(value: float | str | None) -> float | None:
     else:
         seconds = float(value)
     return -1.0 if seconds < 0 or seconds > _MAX_KEEP_ALIVE else seconds
-
-
-def to_openai(model: type[ChatCompletionRequest | CompletionRequest], body: dict[str, Any]) -> Any:
-    """Validate ``body`` as ``model``, naming Ollama's fields in a 400."""
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        err = validation_error(exc)
-        param = err.param or ""
-        head, _, rest = param.partition(".")
-        ollama = _PARAMS.get(head, head)
-        named = ollama + (f".{rest}" if rest else "")
-        message = err.message.replace(f"{param}:", f"{named}:", 1) if param else err.message
-        raise BadRequestError(message, param=named or None, code=err.code) from None
 
 
 class OllamaOptions(LenientModel):
@@ -218,7 +204,7 @@ class OllamaChatRequest(_Generating):
     def to_openai(self) -> ChatCompletionRequest:
         body = self._openai_fields()
         body["messages"] = [{"role": m.role, "content": m.content} for m in self.messages]
-        request: ChatCompletionRequest = to_openai(ChatCompletionRequest, body)
+        request: ChatCompletionRequest = validate_as(ChatCompletionRequest, body, _PARAMS)
         return request
 
 
@@ -257,13 +243,13 @@ class OllamaGenerateRequest(_Generating):
         body = self._openai_fields()
         if self.raw:
             body["prompt"] = self.prompt
-            completion: CompletionRequest = to_openai(CompletionRequest, body)
+            completion: CompletionRequest = validate_as(CompletionRequest, body, _PARAMS)
             if "max_tokens" not in body:
                 completion.max_tokens = None  # Ollama's default: until the context is full
             return completion
         messages = [{"role": "system", "content": self.system}] if self.system else []
         body["messages"] = [*messages, {"role": "user", "content": self.prompt}]
-        chat: ChatCompletionRequest = to_openai(ChatCompletionRequest, body)
+        chat: ChatCompletionRequest = validate_as(ChatCompletionRequest, body, _PARAMS)
         return chat
 
 

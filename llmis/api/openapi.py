@@ -24,6 +24,7 @@ from pydantic.json_schema import models_json_schema
 
 from llmis import __version__
 from llmis.api.admin import LoadBody, SwapBody, UnloadBody
+from llmis.api.anthropic_protocol import CountTokensRequest, MessagesRequest
 from llmis.api.embeddings import EmbeddingRequest
 from llmis.api.ollama_protocol import (
     OllamaChatRequest,
@@ -402,6 +403,30 @@ OPERATIONS += (
         body=OllamaDeleteRequest,
         ok={},
         error_schema="OllamaError",
+    ),
+)
+
+OPERATIONS += (
+    Operation(
+        "post",
+        "/v1/messages",
+        "anthropicMessages",
+        "Anthropic Messages API: a reply; with `stream: true`, Anthropic's typed events.",
+        "anthropic",
+        statuses=_TEXT_GENERATION,
+        body=MessagesRequest,
+        ok={"application/json": {"schema": _JSON_OBJECT}, "text/event-stream": {"schema": _SSE}},
+        error_schema="AnthropicError",
+    ),
+    Operation(
+        "post",
+        "/v1/messages/count_tokens",
+        "anthropicCountTokens",
+        "Anthropic Messages API: the tokens of a request's prompt.",
+        "anthropic",
+        statuses=_GENERATION,
+        body=CountTokensRequest,
+        error_schema="AnthropicError",
     ),
 )
 
