@@ -259,9 +259,10 @@ async def _load_or_unload(
     """Ollama's empty request: load the model (``done_reason: load``), or with
     ``keep_alive: 0`` unload it (``unload``)."""
     manager = request.app[MANAGER]
-    if keep_alive == 0:
-        entry = await manager.unload(manager.entry(model).name)
-        name, reason = entry.name, "unload"
+    entry = manager.entry(model)
+    if keep_alive == 0 and not entry.settings.pin:  # a model pinned in the config stays
+        await manager.unload(entry.name)
+        reason = "unload"
     else:
         async with manager.lease(model) as worker:
             name, reason = worker.name, "load"
