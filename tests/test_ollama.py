@@ -20,7 +20,9 @@ import aiohttp
 import ollama
 import pytest
 
-from tests.conftest import SMOLLM_RESOURCE, RunningServer, launch
+from llmis.api.ollama_protocol import keep_alive_seconds
+from llmis.errors import BadRequestError
+from tests.conftest import OPS_USER_KEY, SMOLLM_RESOURCE, RunningServer, launch
 from tests.test_embeddings import minilm_path
 
 PROMPT = [{"role": "user", "content": "Tell me a long story about a lighthouse."}]
@@ -307,3 +309,47 @@ async def test_disconnect_frees_the_slot(ollama_server: RunningServer) -> None:
             assert nxt.status == 200
             assert (await nxt.json())["eval_count"] == 3
     assert cancelled_by_clients(ollama_server) == before + 1, freed_after
+
+
+def test_keys_admin_routes_and_api_label(ops_server: RunningServer) -> None:
+    """On a server with API keys: 401 without one, 403 for pull/delete with a user key, all
+    in Ollama's shape; the request counter says which API was called."""
+    with pytest.raises(ollama.ResponseError) as err:
+        ollama.Client(host=ops_server.url).list()
+    assert err.value.status_code == 401 and "API key" in err.value.error
+    user = ollama.Client(host=ops_server.url, headers={"Authorization": f"Bearer {OPS_USER_KEY}"})
+    assert "smollm2" in {m.model for m in user.list().models}
+    for call in (lambda: user.delete("smollm2"), lambda: user.pull(SMOLLM_RESOURCE)):
+        with pytest.raises(ollama.ResponseError) as err:
+            call()
+        assert err.value.status_code == 403 and "admin" in err.value.error
+    request = urllib.request.Request(
+        ops_server.url + "/metrics", headers={"Authorization": f"Bearer {OPS_USER_KEY}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        text = resp.read().decode()
+    assert any(
+        line.startswith("llmis:requests_total{")
+        and 'endpoint="/api/tags"' in line
+        and 'api="ollama"' in line
+        and 'status="200"' in line
+        for line in text.splitlines()
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        *[(None, None), (0, 0.0), (300, 300.0), ("5m", 300.0), ("1h30m", 5400.0)],
+        *[("1.5s", 1.5), ("-1", -1.0), (-1, -1.0), ("300", 300.0), ("500ms", 0.5)],
+        (1e12, -1.0),
+    ],
+)
+def test_keep_alive_durations(value: float | str | None, seconds: float | None) -> None:
+    assert keep_alive_seconds(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["5q", "m", "5m x", ""])
+def test_keep_alive_bad_durations(value: str) -> None:
+    with pytest.raises(BadRequestError):
+        keep_alive_seconds(value)
