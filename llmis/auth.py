@@ -108,9 +108,12 @@ KEYRING = web.AppKey("keyring", KeyRing)
 
 
 def _bearer(request: web.Request) -> str | None:
+    """The key sent as ``Authorization: Bearer <key>``, or as ``x-api-key`` (Anthropic's)."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
+    if scheme.lower() == "bearer" and token:
+        return token
+    return request.headers.get("x-api-key", "").strip() or None
 
 
 def is_admin_request(ring: KeyRing, request: web.Request) -> bool:
@@ -143,7 +146,8 @@ def auth_middleware(ring: KeyRing, open_paths: Iterable[str]) -> Middleware:
         key = _bearer(request)
         if key is None:
             raise AuthenticationError(
-                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' "
+                "(or 'x-api-key: <key>').",
                 "missing_api_key",
             )
         role = ring.role(key)

@@ -49,6 +49,16 @@ class ModelEntry:
     failures: int = 0  # failed loads in a row (backoff)
     retry_at: float = 0.0  # monotonic time before which a failed model is not reloaded
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # a lease was released
+    # Ollama's keep_alive: unload after this many idle seconds (None: never expires)
+    idle_expiry: float | None = None
+    expiry_task: asyncio.Task[None] | None = None
+
+    @property
+    def expires_at(self) -> float | None:
+        """Wall-clock time the model unloads if left idle (None: it stays loaded)."""
+        if self.idle_expiry is None or self.pinned:
+            return None
+        return (self.last_used or time.time()) + self.idle_expiry
 
     def __post_init__(self) -> None:
         self.pinned = self.pinned or self.settings.pin

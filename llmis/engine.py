@@ -102,6 +102,7 @@ class Step:
     text: str
     completion_tokens: int
     finish_reason: FinishReason | None = None
+    stop_sequence: str | None = None  # the stop string that ended it, if one did
 
 
 def _stop_holdback(text: str, stops: Sequence[str]) -> int:
@@ -263,9 +264,10 @@ class TextStream:
         sent, stops = self._sent, self._params.stop
         if stops:
             start = max(0, sent - max(len(s) for s in stops))
-            hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+            hits = [(i, s) for i, s in ((text.find(s, start), s) for s in stops) if i >= 0]
             if hits:
-                return Step(text[sent : min(hits)], self.completion_tokens, "stop")
+                at, stop = min(hits, key=lambda hit: hit[0])
+                return Step(text[sent:at], self.completion_tokens, "stop", stop)
         if self.completion_tokens >= self._params.max_tokens:
             return self._finish("length")
         end = len(text) - _stop_holdback(text, stops)

@@ -51,6 +51,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens reused from the KV cache, not evaluated again
+    stop_sequence: str | None = None  # the stop string that ended the job, if one did
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any, Literal, TextIO
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from llmis.families import api_family
 from llmis.request_context import (
     REQUEST_CONTEXT,
     RequestContext,
@@ -173,7 +174,9 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             raise
         finally:
             if oversight is not None:
-                oversight.metrics.count_request(_endpoint(request), ctx.model, status)
+                oversight.metrics.count_request(
+                    _endpoint(request), ctx.model, status, api_family(request.path)
+                )
                 if oversight.settings.logging.access_log:
                     _access(ctx, status)
 

@@ -113,8 +113,8 @@ class Metrics:
 
         self.requests = counter(
             "llmis:requests",
-            "HTTP requests by route, model and status.",
-            ["endpoint", "model_name", "status"],
+            "HTTP requests by route, model, status and API family (openai, ollama, anthropic).",
+            ["endpoint", "model_name", "status", "api"],
         )
         self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens processed.")
         self.generation_tokens = counter("vllm:generation_tokens", "Tokens generated.")
@@ -163,8 +163,10 @@ class Metrics:
         if manager is not None:
             reg.register(_ManagerCollector(manager))
 
-    def count_request(self, endpoint: str, model: str | None, status: int) -> None:
-        self.requests.labels(endpoint, model or "", str(status)).inc()
+    def count_request(
+        self, endpoint: str, model: str | None, status: int, api: str = "openai"
+    ) -> None:
+        self.requests.labels(endpoint, model or "", str(status), api).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -448,6 +448,7 @@ class ModelManager:
         finally:
             entry.state = ModelState.AVAILABLE
             entry.unload_task = None
+            entry.idle_expiry = None
         logger.info("model %s unloaded", entry.name)
 
     async def unload(self, name: str) -> ModelEntry:
@@ -567,6 +568,45 @@ class ModelManager:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         return old, target
+
+    # ----- Ollama's keep_alive -----
+
+    def keep_alive(self, name: str, seconds: float) -> None:
+        """After a request: ``seconds`` < 0 keeps ``name`` loaded (pinned), 0 unloads it once
+        idle, > 0 unloads it after that many idle seconds. A model pinned in the config
+        stays loaded whatever a request asks."""
+        entry = self.entry(name)
+        if entry.settings.pin or entry.state is not ModelState.LOADED:
+            return
+        entry.last_used = time.time()
+        if entry.expiry_task is not None:
+            entry.expiry_task.cancel()
+            entry.expiry_task = None
+        entry.pinned = seconds < 0
+        entry.idle_expiry = None if seconds < 0 else seconds
+        if seconds >= 0:
+            task = asyncio.get_running_loop().create_task(self._expire(entry))
+            entry.expiry_task = task
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _expire(self, entry: ModelEntry) -> None:
+        """Unload ``entry`` once it has been idle for its ``idle_expiry``."""
+        while entry.state is ModelState.LOADED and entry.idle_expiry is not None:
+            due = entry.expires_at
+            if due is None:
+                return
+            if due > time.time():
+                await asyncio.sleep(due - time.time())
+                continue
+            if not entry.idle:
+                await self._wait_idle(entry)
+                continue
+            entry.expiry_task = None
+            entry.idle_expiry = None
+            logger.info("model %s: keep_alive expired, unloading", entry.name)
+            await asyncio.shield(self._begin_unload(entry))
+            return
 
     async def _retire(self, entry: ModelEntry) -> None:
         await asyncio.shield(self._begin_unload(entry))

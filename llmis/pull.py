@@ -16,6 +16,7 @@ header read); a file that fails is deleted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import filecmp
 import os
 import shutil
@@ -29,7 +30,7 @@ from llmis.gguf_info import GGUFInfo, read_gguf_info
 from llmis.resources import resolve_resource
 from llmis.splits import parse_split_name, split_part_paths
 
-__all__ = ["PullError", "add_arguments", "run"]
+__all__ = ["PullError", "add_arguments", "pull_remote", "run"]
 
 PARTIAL_DIR = ".partial"
 
@@ -198,6 +199,22 @@ def _pull(args: argparse.Namespace, settings: Settings) -> _Pulled:
         f"{source!r} is not a file, a hub repository (owner/repo[:QUANT]) "
         f"or a package resource (dist-name:path/in/dist.gguf)"
     )
+
+
+def pull_remote(source: str, settings: Settings) -> tuple[list[Path], GGUFInfo]:
+    """Pull a hub repository or a package resource (never a local path: this is what a
+    network client may ask for, ``POST /api/pull``). Blocking; raises :class:`PullError`."""
+    local = source.lower().endswith(".gguf") and ":" not in source
+    with contextlib.suppress(OSError, ValueError):  # a name the OS refuses is no file
+        local = local or Path(source).expanduser().is_file()
+    if local:
+        raise PullError(f"{source!r}: local files cannot be pulled over the API")
+    args = argparse.Namespace(source=source, revision=None, force=False, quiet=True)
+    try:
+        pulled = _pull(args, settings)
+    except OSError as exc:
+        raise PullError(f"{source}: {exc.strerror or exc}") from None
+    return pulled.paths, pulled.info
 
 
 def run(args: argparse.Namespace) -> int:

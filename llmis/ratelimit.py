@@ -118,9 +118,12 @@ def _forget_full(table: dict[str, TokenBucket], now: float) -> None:
 
 
 def ratelimit_middleware(
-    limiter: RateLimiter, on_limited: Callable[[str], None], prefix: str = "/v1/"
+    limiter: RateLimiter,
+    on_limited: Callable[[str], None],
+    prefix: str | tuple[str, ...] = ("/v1/", "/api/"),
 ) -> Middleware:
-    """Admit each request under ``prefix`` against its client's buckets (key id, else IP)."""
+    """Admit each request under ``prefix`` (OpenAI, Anthropic, Ollama routes) against its
+    client's buckets (key id, else IP)."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -551,7 +551,10 @@ class Scheduler:
             outbox.append((job, Delta(step.text)))
         if step is not None and step.finish_reason is not None:
             n_prompt, n_out = len(job.prompt), step.completion_tokens
-            outbox.append((job, Finished(step.finish_reason, n_prompt, n_out, slot.cached)))
+            finished = Finished(
+                step.finish_reason, n_prompt, n_out, slot.cached, step.stop_sequence
+            )
+            outbox.append((job, finished))
             self._release(slot)
         else:
             slot.next_token = token

@@ -17,10 +17,10 @@ from llmis.errors import APIError, BadRequestError
 from llmis.jobs import Delta, Failed, Finished, Job, JobEvent
 from llmis.models import ModelManager
 from llmis.oversight import Guard
-from llmis.protocol import ChatCompletionRequest, CompletionRequest
+from llmis.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from llmis.scheduler import Scheduler
 
-__all__ = ["Generation", "Result", "start_chat", "start_completion"]
+__all__ = ["Generation", "Result", "count_chat_tokens", "start_chat", "start_completion"]
 
 T = TypeVar("T")
 
@@ -60,6 +60,7 @@ class Result:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    stop_sequence: str | None = None
 
 
 def _grammar(request: ChatCompletionRequest | CompletionRequest) -> str | None:
@@ -104,6 +105,15 @@ async def start_chat(manager: ModelManager, request: ChatCompletionRequest) -> G
         worker.submit([job])
     # worker.name is the model actually serving: an alias reports its current version.
     return Generation(worker.name, worker, [job], guard)
+
+
+async def count_chat_tokens(manager: ModelManager, model: str, messages: list[ChatMessage]) -> int:
+    """The tokens ``messages`` take once rendered with ``model``'s chat template."""
+    rendered = [m.as_template_message() for m in messages]
+    async with manager.lease(model) as worker:
+        engine = worker.engine
+        engine.check_generates(model)
+        return len(await _blocking(lambda: engine.chat_prompt(rendered)))
 
 
 async def start_completion(manager: ModelManager, request: CompletionRequest) -> Generation:
@@ -159,6 +169,7 @@ async def _collect(events: AsyncIterator[JobEvent | None]) -> Result:
                 event.prompt_tokens,
                 event.completion_tokens,
                 event.cached_tokens,
+                event.stop_sequence,
             )
         elif isinstance(event, Failed):
             raise event.error

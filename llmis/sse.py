@@ -76,6 +76,15 @@ class EventStream:
         data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
         await self._write(f"data: {data}\n\n".encode())
 
+    async def send_event(self, event: str, payload: dict[str, Any]) -> None:
+        """A named event, as Anthropic frames them: ``event: name\ndata: {json}\n\n``."""
+        data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+        await self._write(f"event: {event}\ndata: {data}\n\n".encode())
+
+    async def close(self) -> None:
+        """End the stream without OpenAI's ``[DONE]``."""
+        await self.response.write_eof()
+
     async def ping(self) -> None:
         await self._write(b": ping\n\n")
 

@@ -44,9 +44,10 @@ async def test_counters_and_histograms_follow_traffic(ops_server: RunningServer)
     assert delta("vllm:prompt_tokens_total", **M) == prompt_tokens
     assert delta("llamacpp:prompt_tokens_total", **M) == prompt_tokens
     assert delta("vllm:request_success_total", finished_reason="length", **M) == 3
-    ok = {"endpoint": CHAT, "model_name": "smollm2", "status": "200"}
+    ok = {"endpoint": CHAT, "model_name": "smollm2", "status": "200", "api": "openai"}
     assert delta("llmis:requests_total", **ok) == 3
-    assert delta("llmis:requests_total", endpoint=CHAT, model_name="", status="401") == 1
+    unauthorized = {"endpoint": CHAT, "model_name": "", "status": "401", "api": "openai"}
+    assert delta("llmis:requests_total", **unauthorized) == 1
     for histogram in (
         "vllm:time_to_first_token_seconds",
         "vllm:e2e_request_latency_seconds",

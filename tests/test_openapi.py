@@ -89,8 +89,15 @@ def test_errors_use_the_openai_shape_and_list_their_statuses() -> None:
             for status, response in operation["responses"].items():
                 if int(status) >= 400:
                     media = response["content"]["application/json"]["schema"]
-                    assert media == {"$ref": "#/components/schemas/Error"}, (method, path)
-            if method == "post":  # every POST takes a JSON body: bad JSON 400, too large 413
+                    family = (
+                        "OllamaError"
+                        if path.startswith("/api/")
+                        else "AnthropicError"
+                        if path.startswith("/v1/messages")
+                        else "Error"
+                    )
+                    assert media == {"$ref": f"#/components/schemas/{family}"}, (method, path)
+            if method in ("post", "delete"):  # they take a JSON body: bad JSON 400, too large 413
                 assert "requestBody" in operation, path
                 assert {"400", "413"} <= set(operation["responses"]), path
             else:

@@ -1,4 +1,5 @@
-"""The one place exceptions become HTTP responses, always in OpenAI's error shape."""
+"""The one place exceptions become HTTP responses, in the calling API family's error shape
+(OpenAI's, Ollama's or Anthropic's: :mod:`llmis.families`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
-from llmis.errors import APIError, BadRequestError, error_body
+from llmis.errors import APIError, BadRequestError
+from llmis.families import api_family, error_for, family_error_body
 from llmis.state import SETTINGS
 
 __all__ = ["error_middleware", "parse_json", "read_json", "validation_error"]
@@ -75,7 +77,7 @@ def parse_json(raw: bytes | str, what: str = "body of your request") -> object:
         ) from None
 
 
-def _http_error(exc: web.HTTPException) -> web.Response:
+def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
     if exc.status == 404:
         message = "Not found: no such route."
     elif exc.status == 405:
@@ -86,7 +88,8 @@ def _http_error(exc: web.HTTPException) -> web.Response:
         exc.status, "server_error" if exc.status >= 500 else "invalid_request_error"
     )
     headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
-    return web.json_response(error_body(message, type_), status=exc.status, headers=headers)
+    body = family_error_body(api_family(request.path), exc.status, message, type_)
+    return web.json_response(body, status=exc.status, headers=headers)
 
 
 @web.middleware
@@ -96,17 +99,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except APIError as exc:
         if exc.status >= 500:
             logger.warning("%s %s -> %s: %s", request.method, request.path, exc.status, exc.message)
-        return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+        body = error_for(api_family(request.path), exc)
+        return web.json_response(body, status=exc.status, headers=exc.headers)
     except ValidationError as exc:
         err = validation_error(exc)
-        return web.json_response(err.body(), status=err.status)
+        return web.json_response(error_for(api_family(request.path), err), status=err.status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _http_error(exc)
+        return _http_error(request, exc)
     except Exception:
         logger.exception("unhandled error in %s %s", request.method, request.path)
-        return web.json_response(
-            error_body("The server had an error while processing your request.", "server_error"),
-            status=500,
-        )
+        message = "The server had an error while processing your request."
+        body = family_error_body(api_family(request.path), 500, message, "server_error")
+        return web.json_response(body, status=500)

@@ -24,7 +24,17 @@ from pydantic.json_schema import models_json_schema
 
 from llmis import __version__
 from llmis.api.admin import LoadBody, SwapBody, UnloadBody
+from llmis.api.anthropic_protocol import CountTokensRequest, MessagesRequest
 from llmis.api.embeddings import EmbeddingRequest
+from llmis.api.ollama_protocol import (
+    OllamaChatRequest,
+    OllamaDeleteRequest,
+    OllamaEmbeddingsRequest,
+    OllamaEmbedRequest,
+    OllamaGenerateRequest,
+    OllamaPullRequest,
+    OllamaShowRequest,
+)
 from llmis.api.search import SearchRequest
 from llmis.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -81,6 +91,36 @@ _ERROR_SCHEMA: dict[str, Any] = {
     },
 }
 
+_OLLAMA_ERROR_SCHEMA: dict[str, Any] = {
+    "title": "OllamaError",
+    "description": "Ollama's error shape, used on every /api/ route.",
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}},
+}
+
+_ANTHROPIC_ERROR_SCHEMA: dict[str, Any] = {
+    "title": "AnthropicError",
+    "description": "Anthropic's error shape, used on /v1/messages routes.",
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+        "request_id": {"type": "string"},
+    },
+}
+
+_NDJSON: dict[str, Any] = {
+    "type": "object",
+    "description": "One line of an NDJSON stream (a JSON object); the last has `done: true` "
+    "(or `status: success` for a pull), or is an `{error}` object.",
+}
+
 _JSON_OBJECT: dict[str, Any] = {"type": "object"}
 # In OpenAPI 3.1 the schema of `text/event-stream` describes one event.
 _SSE: dict[str, Any] = {
@@ -109,12 +149,13 @@ class Operation:
     description: str = ""
     # Error statuses that can also come with another body than the JSON error, by media type.
     other_error_bodies: Mapping[int, Mapping[str, Any]] | None = None
+    error_schema: str = "Error"  # the API family's error shape (OllamaError, AnthropicError)
 
     def error_statuses(self) -> list[int]:
         codes = set(_ANY_ROUTE) | set(self.statuses)
         if self.body is not None:
             codes |= set(_BODY)
-        if self.path.startswith("/v1/"):
+        if self.path.startswith(("/v1/", "/api/")):
             codes |= set(_V1)
         return sorted(codes)
 
@@ -260,6 +301,135 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
 )
 
+_OLLAMA_GENERATION = {
+    "application/json": {"schema": _JSON_OBJECT},
+    "application/x-ndjson": {"schema": _NDJSON},
+}
+
+OPERATIONS += (
+    Operation(
+        "get",
+        "/api/tags",
+        "ollamaTags",
+        "Ollama: every model.",
+        "ollama",
+        error_schema="OllamaError",
+    ),
+    Operation(
+        "get",
+        "/api/ps",
+        "ollamaPs",
+        "Ollama: the loaded models.",
+        "ollama",
+        error_schema="OllamaError",
+    ),
+    Operation(
+        "get",
+        "/api/version",
+        "ollamaVersion",
+        "Ollama: the API version.",
+        "ollama",
+        error_schema="OllamaError",
+    ),
+    Operation(
+        "post",
+        "/api/show",
+        "ollamaShow",
+        "Ollama: one model's details.",
+        "ollama",
+        statuses=(404,),
+        body=OllamaShowRequest,
+        error_schema="OllamaError",
+    ),
+    Operation(
+        "post",
+        "/api/chat",
+        "ollamaChat",
+        "Ollama: a chat reply; NDJSON unless `stream: false`.",
+        "ollama",
+        statuses=_TEXT_GENERATION,
+        body=OllamaChatRequest,
+        ok=_OLLAMA_GENERATION,
+        error_schema="OllamaError",
+    ),
+    Operation(
+        "post",
+        "/api/generate",
+        "ollamaGenerate",
+        "Ollama: a completion of a prompt; NDJSON unless `stream: false`.",
+        "ollama",
+        statuses=_TEXT_GENERATION,
+        body=OllamaGenerateRequest,
+        ok=_OLLAMA_GENERATION,
+        error_schema="OllamaError",
+    ),
+    Operation(
+        "post",
+        "/api/embed",
+        "ollamaEmbed",
+        "Ollama: embeddings of one or more inputs.",
+        "ollama",
+        statuses=_GENERATION,
+        body=OllamaEmbedRequest,
+        error_schema="OllamaError",
+    ),
+    Operation(
+        "post",
+        "/api/embeddings",
+        "ollamaEmbeddings",
+        "Ollama (legacy): one embedding.",
+        "ollama",
+        statuses=_GENERATION,
+        body=OllamaEmbeddingsRequest,
+        error_schema="OllamaError",
+    ),
+    Operation(
+        "post",
+        "/api/pull",
+        "ollamaPull",
+        "Ollama: pull a model (`llmis pull`); admin only; NDJSON progress unless `stream: false`.",
+        "ollama",
+        body=OllamaPullRequest,
+        ok=_OLLAMA_GENERATION,
+        error_schema="OllamaError",
+    ),
+    Operation(
+        "delete",
+        "/api/delete",
+        "ollamaDelete",
+        "Ollama: unload and delete a model file of the models dir; admin only.",
+        "ollama",
+        statuses=(404,),
+        body=OllamaDeleteRequest,
+        ok={},
+        error_schema="OllamaError",
+    ),
+)
+
+OPERATIONS += (
+    Operation(
+        "post",
+        "/v1/messages",
+        "anthropicMessages",
+        "Anthropic Messages API: a reply; with `stream: true`, Anthropic's typed events.",
+        "anthropic",
+        statuses=_TEXT_GENERATION,
+        body=MessagesRequest,
+        ok={"application/json": {"schema": _JSON_OBJECT}, "text/event-stream": {"schema": _SSE}},
+        error_schema="AnthropicError",
+    ),
+    Operation(
+        "post",
+        "/v1/messages/count_tokens",
+        "anthropicCountTokens",
+        "Anthropic Messages API: the tokens of a request's prompt.",
+        "anthropic",
+        statuses=_GENERATION,
+        body=CountTokensRequest,
+        error_schema="AnthropicError",
+    ),
+)
+
 _REQUEST_MODELS: tuple[type[BaseModel], ...] = tuple(
     op.body for op in OPERATIONS if op.body is not None
 )
@@ -271,11 +441,18 @@ def _schemas() -> tuple[dict[type[BaseModel], dict[str, Any]], dict[str, Any]]:
         [(model, "validation") for model in _REQUEST_MODELS], ref_template=REF
     )
     refs = {model: keyed[(model, "validation")] for model in _REQUEST_MODELS}
-    return refs, {**top.get("$defs", {}), "Error": _ERROR_SCHEMA}
+    return refs, {
+        **top.get("$defs", {}),
+        "Error": _ERROR_SCHEMA,
+        "OllamaError": _OLLAMA_ERROR_SCHEMA,
+        "AnthropicError": _ANTHROPIC_ERROR_SCHEMA,
+    }
 
 
-def _error_response(status: int, other: Mapping[str, Any] | None) -> dict[str, Any]:
-    content: dict[str, Any] = {"application/json": {"schema": {"$ref": REF.format(model="Error")}}}
+def _error_response(
+    status: int, other: Mapping[str, Any] | None, schema: str = "Error"
+) -> dict[str, Any]:
+    content: dict[str, Any] = {"application/json": {"schema": {"$ref": REF.format(model=schema)}}}
     if other:
         content.update(other)
     return {"description": _ERRORS[status], "content": content}
@@ -293,7 +470,7 @@ def _operation(op: Operation, refs: Mapping[type[BaseModel], Mapping[str, Any]])
         "responses": {
             str(op.ok_status): ok,
             **{
-                str(s): _error_response(s, (op.other_error_bodies or {}).get(s))
+                str(s): _error_response(s, (op.other_error_bodies or {}).get(s), op.error_schema)
                 for s in op.error_statuses()
             },
         },

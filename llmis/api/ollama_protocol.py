@@ -1,0 +1,299 @@
+"""Ollama request schemas (``docs/api.md``) and their translation to llmis's OpenAI requests.
+
+Every Ollama generation request becomes a :class:`~llmis.protocol.ChatCompletionRequest` or
+:class:`~llmis.protocol.CompletionRequest`, so the same validation, ranges, grammar and
+serving path apply. A violation found there is reported under the Ollama field's name
+(``options.num_predict``, ``format``...).
+
+``options``: ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``num_predict`` (-1 and -2:
+until the context is full), ``stop``, ``seed``, ``repeat_penalty``, ``presence_penalty``,
+``frequency_penalty`` are honoured; ``num_ctx`` is accepted and ignored (a model's context is
+fixed when it loads and shared by every client); other options are ignored, as Ollama
+ignores unknown ones.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from llmis.api.translate import validate_as
+from llmis.errors import BadRequestError
+from llmis.protocol import ChatCompletionRequest, CompletionRequest, LenientModel
+
+__all__ = [
+    "OllamaChatRequest",
+    "OllamaDeleteRequest",
+    "OllamaEmbedRequest",
+    "OllamaEmbeddingsRequest",
+    "OllamaGenerateRequest",
+    "OllamaMessage",
+    "OllamaOptions",
+    "OllamaPullRequest",
+    "OllamaShowRequest",
+    "keep_alive_seconds",
+]
+
+_DURATION = re.compile(r"(-?[0-9]*\.?[0-9]+)(ns|us|µs|ms|s|m|h)")
+_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_MAX_KEEP_ALIVE = 10 * 365 * 86400.0  # longer than this is "forever"
+
+# OpenAI field -> the Ollama field a client sent, for error messages
+_PARAMS = {
+    "max_tokens": "options.num_predict",
+    "temperature": "options.temperature",
+    "top_p": "options.top_p",
+    "top_k": "options.top_k",
+    "min_p": "options.min_p",
+    "stop": "options.stop",
+    "seed": "options.seed",
+    "repeat_penalty": "options.repeat_penalty",
+    "presence_penalty": "options.presence_penalty",
+    "frequency_penalty": "options.frequency_penalty",
+    "response_format": "format",
+    "prompt": "prompt",
+    "messages": "messages",
+    "model": "model",
+}
+
+
+def keep_alive_seconds(value: float | str | None) -> float | None:
+    """Ollama's ``keep_alive``: seconds (a number) or a Go duration (``"5m"``, ``"1h30m"``);
+    negative = forever. ``None`` when absent."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = _DURATION.findall(text)
+            if not parts or "".join(n + u for n, u in parts) != text.replace("+", ""):
+                raise BadRequestError(
+                    f"keep_alive: {value[:40]!r} is not a duration (say 300, '5m' or '-1')",
+                    param="keep_alive",
+                ) from None
+            seconds = sum(float(n) * _UNIT[u] for n, u in parts)
+    else:
+        seconds = float(value)
+    return -1.0 if seconds < 0 or seconds > _MAX_KEEP_ALIVE else seconds
+
+
+class OllamaOptions(LenientModel):
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    num_predict: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    repeat_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    num_ctx: int | None = Field(default=None, ge=1, description="accepted and ignored")
+
+    @field_validator("num_predict")
+    @classmethod
+    def _predict(cls, value: int | None) -> int | None:
+        if value is not None and value < -2:
+            raise ValueError("num_predict must be positive, -1 (no limit) or -2 (fill the context)")
+        return value
+
+    def sampling_fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            name: getattr(self, name)
+            for name in (
+                "temperature",
+                "top_p",
+                "top_k",
+                "min_p",
+                "stop",
+                "seed",
+                "repeat_penalty",
+                "presence_penalty",
+                "frequency_penalty",
+            )
+            if getattr(self, name) is not None
+        }
+        if self.num_predict is not None and self.num_predict > 0:
+            out["max_tokens"] = self.num_predict
+        elif self.num_predict == 0:
+            raise BadRequestError(
+                "options.num_predict must be positive, -1 or -2", param="options.num_predict"
+            )
+        return out
+
+
+Format = Literal["", "json"] | dict[str, Any] | None
+
+
+def _format_field(value: Format) -> dict[str, Any] | None:
+    if value is None or value == "":
+        return None
+    if value == "json":
+        return {"type": "json_object"}
+    return {"type": "json_schema", "json_schema": {"name": "format", "schema": value}}
+
+
+class _Generating(LenientModel):
+    model: str = Field(min_length=1, max_length=256)
+    stream: bool = True
+    options: OllamaOptions | None = None
+    format: Format = None
+    keep_alive: float | str | None = None
+    think: bool | str | None = None
+
+    @field_validator("think")
+    @classmethod
+    def _no_thinking(cls, value: bool | str | None) -> bool | str | None:
+        if value not in (None, False, "false", ""):
+            raise ValueError("thinking is not supported by the models this server runs")
+        return value
+
+    def _openai_fields(self) -> dict[str, Any]:
+        fields = self.options.sampling_fields() if self.options is not None else {}
+        fields["model"] = self.model
+        response_format = _format_field(self.format)
+        if response_format is not None:
+            fields["response_format"] = response_format
+        return fields
+
+    @property
+    def keep_alive_seconds(self) -> float | None:
+        return keep_alive_seconds(self.keep_alive)
+
+
+def _tools_later(value: list[Any] | None, what: str) -> list[Any] | None:
+    """Tool calling is not available yet: refuse rather than answer without the tools."""
+    if value:
+        raise ValueError(f"{what} are not supported by this server yet (tool calling)")
+    return value
+
+
+class OllamaMessage(LenientModel):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    images: list[str] | None = None
+    tool_calls: list[Any] | None = None
+    thinking: str | None = None
+
+    @field_validator("images")
+    @classmethod
+    def _no_images(cls, value: list[str] | None) -> list[str] | None:
+        if value:
+            raise ValueError("images are not supported: the models this server runs read text")
+        return value
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _no_tool_calls(cls, value: list[Any] | None) -> list[Any] | None:
+        return _tools_later(value, "tool_calls")
+
+
+class OllamaChatRequest(_Generating):
+    messages: list[OllamaMessage] = Field(default_factory=list)
+    tools: list[Any] | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
+        return _tools_later(value, "tools")
+
+    def to_openai(self) -> ChatCompletionRequest:
+        body = self._openai_fields()
+        body["messages"] = [{"role": m.role, "content": m.content} for m in self.messages]
+        request: ChatCompletionRequest = validate_as(ChatCompletionRequest, body, _PARAMS)
+        return request
+
+
+class OllamaGenerateRequest(_Generating):
+    prompt: str = ""
+    system: str | None = None
+    raw: bool = False
+    images: list[str] | None = None
+    suffix: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+
+    @field_validator("images")
+    @classmethod
+    def _no_images(cls, value: list[str] | None) -> list[str] | None:
+        if value:
+            raise ValueError("images are not supported: the models this server runs read text")
+        return value
+
+    @field_validator("suffix", "template")
+    @classmethod
+    def _unsupported_text(cls, value: str | None, info: Any) -> str | None:
+        if value:
+            raise ValueError(f"{info.field_name} is not supported by this server")
+        return value
+
+    @field_validator("context")
+    @classmethod
+    def _no_context(cls, value: list[int] | None) -> list[int] | None:
+        if value:
+            raise ValueError("context is not supported; send the conversation to /api/chat")
+        return value
+
+    def to_openai(self) -> ChatCompletionRequest | CompletionRequest:
+        """``raw``: the prompt as is (a completion); otherwise through the chat template."""
+        body = self._openai_fields()
+        if self.raw:
+            body["prompt"] = self.prompt
+            completion: CompletionRequest = validate_as(CompletionRequest, body, _PARAMS)
+            if "max_tokens" not in body:
+                completion.max_tokens = None  # Ollama's default: until the context is full
+            return completion
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        body["messages"] = [*messages, {"role": "user", "content": self.prompt}]
+        chat: ChatCompletionRequest = validate_as(ChatCompletionRequest, body, _PARAMS)
+        return chat
+
+
+class OllamaEmbedRequest(LenientModel):
+    model: str = Field(min_length=1, max_length=256)
+    input: str | list[str] = Field(min_length=1, max_length=2048)
+    truncate: bool = True
+    dimensions: int | None = Field(default=None, ge=1)
+    keep_alive: float | str | None = None
+    options: dict[str, Any] | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _non_empty(cls, value: str | list[str]) -> str | list[str]:
+        items = [value] if isinstance(value, str) else value
+        if any(not item for item in items):
+            raise ValueError("input texts must not be empty")
+        return value
+
+
+class OllamaEmbeddingsRequest(LenientModel):
+    """The legacy ``/api/embeddings``: one ``prompt``, one ``embedding``."""
+
+    model: str = Field(min_length=1, max_length=256)
+    prompt: str = Field(min_length=1)
+    keep_alive: float | str | None = None
+    options: dict[str, Any] | None = None
+
+
+class OllamaShowRequest(LenientModel):
+    model: str = Field(min_length=1, max_length=256)
+    verbose: bool = False
+
+
+class OllamaPullRequest(LenientModel):
+    model: str = Field(
+        min_length=1,
+        max_length=512,
+        description="hf.co/owner/repo[:QUANT], owner/repo[:QUANT|:FILE], or a package "
+        "resource dist-name:path/in/dist.gguf",
+    )
+    stream: bool = True
+    insecure: bool = False
+
+
+class OllamaDeleteRequest(LenientModel):
+    model: str = Field(min_length=1, max_length=256)
