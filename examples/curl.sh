@@ -57,6 +57,33 @@ if [ -n "${EMBED_MODEL:-}" ]; then
   post /v1/embeddings '{"model": "'"$EMBED_MODEL"'", "input": ["first text", "second text"]}'
 fi
 
+echo "## Ollama's API: models, a chat (NDJSON lines, one per token; stream false for one object)"
+get /api/tags
+get /api/version
+post /api/chat '{
+  "model": "'"$MODEL"'", "stream": false, "options": {"num_predict": 8},
+  "messages": [{"role": "user", "content": "Say hello."}]
+}'
+
+get /api/ps
+post /api/show '{"model": "'"$MODEL"'"}'
+post /api/generate '{"model": "'"$MODEL"'", "prompt": "The sky is", "stream": false, "options": {"num_predict": 8}}'
+if [ -n "${EMBED_MODEL:-}" ]; then
+  post /api/embed '{"model": "'"$EMBED_MODEL"'", "input": ["first text", "second text"]}'
+  post /api/embeddings '{"model": "'"$EMBED_MODEL"'", "prompt": "one text (the older route)"}'
+fi
+# with the admin key: POST /api/pull {"model": "owner/repo:file.gguf"} streams NDJSON progress,
+# DELETE /api/delete {"model": "name"} removes a file from the models directory
+
+echo "## Anthropic's Messages API (x-api-key is accepted as the API key)"
+post /v1/messages '{
+  "model": "'"$MODEL"'", "max_tokens": 8,
+  "messages": [{"role": "user", "content": "Say hello."}]
+}'
+post /v1/messages/count_tokens '{
+  "model": "'"$MODEL"'", "messages": [{"role": "user", "content": "Say hello."}]
+}'
+
 echo "## search indexes"
 get /v1/indexes
 if [ -n "${INDEX:-}" ]; then
