@@ -45,6 +45,7 @@ import llama_cpp
 from llmis.engine import Engine, GenerationContext, Sampler, TextStream
 from llmis.errors import APIError, ModelUnavailableError, QueueFullError
 from llmis.jobs import CallJob, Delta, Failed, Finished, Job, JobEvent, SlotStats, Started
+from llmis.logprobs import TokenLogprob, token_logprob
 
 __all__ = ["Scheduler"]
 
@@ -67,6 +68,7 @@ class _Slot:
     logits_at: int = -1  # batch index of this sequence's logits after a decode
     cached: int = 0  # prompt tokens reused from the slot's previous sequence
     last_used: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent in a Delta
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -414,6 +416,7 @@ class Scheduler:
         slot.pending = []
         slot.next_token = None
         slot.logits_at = -1
+        slot.logprobs = []
         with self._cond:
             slot.job = None
 
@@ -474,13 +477,28 @@ class Scheduler:
             assert job is not None and sampler is not None and out is not None
             try:
                 token = sampler.sample(gen.ctx, slot.logits_at)
+                if job.logprobs is not None and not llama_cpp.llama_vocab_is_eog(
+                    self.engine.vocab, token
+                ):
+                    slot.logprobs.append(
+                        token_logprob(
+                            gen.ctx,
+                            slot.logits_at,
+                            self.engine.vocab,
+                            self.engine.n_vocab,
+                            token,
+                            job.logprobs,
+                        )
+                    )
             except Exception as exc:
                 self._fail_slot(slot, job, exc, "sampling failed for", outbox)
                 continue
             slot.logits_at = -1
             step = out.push(token)
-            if step is not None and step.text:
-                outbox.append((job, Delta(step.text)))
+            finishing = step is not None and step.finish_reason is not None
+            if step is not None and (step.text or (finishing and slot.logprobs)):
+                outbox.append((job, Delta(step.text, tuple(slot.logprobs))))
+                slot.logprobs = []
             if step is not None and step.finish_reason is not None:
                 n_prompt, n_out = len(job.prompt), step.completion_tokens
                 outbox.append((job, Finished(step.finish_reason, n_prompt, n_out, slot.cached)))
