@@ -6,7 +6,18 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from llmis.api import admin, embeddings, health, openai, openapi, pages, search, ws
+from llmis.api import (
+    admin,
+    embeddings,
+    health,
+    openai,
+    openapi,
+    pages,
+    responses,
+    search,
+    simple,
+    ws,
+)
 from llmis.api.middleware import error_middleware
 from llmis.config import Settings
 from llmis.models import ModelManager
@@ -37,6 +48,8 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(openai.routes)
     app.add_routes(admin.routes)
     app.add_routes(embeddings.routes)
+    app.add_routes(responses.routes)
+    app.add_routes(simple.routes)
     search.setup(app)
     ws.setup(app)
     pages.setup(app)

@@ -76,6 +76,11 @@ class EventStream:
         data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
         await self._write(f"data: {data}\n\n".encode())
 
+    async def send_event(self, event: str, payload: dict[str, Any]) -> None:
+        """A named event (``event:`` line), as OpenAI's Responses stream sends them."""
+        data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+        await self._write(f"event: {event}\ndata: {data}\n\n".encode())
+
     async def ping(self) -> None:
         await self._write(b": ping\n\n")
 
