@@ -20,6 +20,7 @@ The non-streamed answer is the same parse: :meth:`OutputParser.message` after th
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,6 +91,7 @@ class _Invalid(Exception):
 
 
 _WS = " \t\n\r"
+_HIGH_SURROGATE = re.compile(r"(\\*)\\u[dD][89abAB][0-9a-fA-F]{2}$")
 
 
 def _ws(s: str, i: int) -> int:
@@ -163,8 +165,9 @@ def _partial_string(s: str, i: int) -> tuple[str, bool]:
         needed = 6 if body[k + 1 : k + 2] == "u" else 2
         if len(body) - k < needed:
             cut = k
-        elif needed == 6 and 0xD800 <= int(body[k + 2 : k + 6], 16) <= 0xDBFF:
-            cut = k  # a high surrogate waits for its pair
+    high = _HIGH_SURROGATE.search(body, 0, cut)
+    if high is not None and high.end() == cut and len(high.group(1)) % 2 == 0:
+        cut = high.start() + len(high.group(1))  # a high surrogate waits for its pair
     try:
         return json.loads('"' + body[:cut] + '"'), False
     except ValueError as exc:

@@ -115,6 +115,7 @@ async def infer(request: web.Request) -> web.StreamResponse:
             param="prompt" if body.prompt is not None else "messages",
             code="invalid_value",
         )
+    stream = _stream_requested(request, body)
     fields: dict[str, Any] = {k: v for k, v in raw.items() if k != "stream"}
     generation: Generation
     manager = request.app[MANAGER]
@@ -129,7 +130,7 @@ async def infer(request: web.Request) -> web.StreamResponse:
         await compile_grammar(completion)
         generation = await start_completion(manager, completion)
     try:
-        if _stream_requested(request, body):
+        if stream:
             return await _stream(request, generation)
         result = await generation.collect(generation.jobs[0])
         return web.json_response(
