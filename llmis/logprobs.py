@@ -57,7 +57,7 @@ def token_logprob(
     """The log-probability of ``token`` at batch ``index``, and the ``top`` best tokens there."""
     row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index), shape=(n_vocab,))
     peak = float(row.max())
-    log_total = peak + math.log(float(np.exp(row - peak, dtype=np.float64).sum()))
+    log_total = peak + math.log(float(np.exp(row - peak).sum(dtype=np.float64)))
     best: tuple[tuple[bytes, float], ...] = ()
     if top > 0:
         k = min(top, n_vocab)

@@ -118,13 +118,18 @@ def _forget_full(table: dict[str, TokenBucket], now: float) -> None:
 
 
 def ratelimit_middleware(
-    limiter: RateLimiter, on_limited: Callable[[str], None], prefix: str = "/v1/"
+    limiter: RateLimiter,
+    on_limited: Callable[[str], None],
+    prefix: str = "/v1/",
+    paths: frozenset[str] = frozenset({"/infer", "/load"}),
 ) -> Middleware:
-    """Admit each request under ``prefix`` against its client's buckets (key id, else IP)."""
+    """Admit each request under ``prefix`` (or to one of ``paths``, the simple routes) against
+    its client's buckets (key id, else IP)."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not limiter.enabled or not request.path.startswith(prefix):
+        limited = request.path.startswith(prefix) or request.path in paths
+        if not limiter.enabled or not limited:
             return await handler(request)
         client = request.get(KEY_ID) or f"ip:{request.remote}"
         ctx = request.get(REQUEST_CONTEXT)

@@ -154,4 +154,4 @@ def test_bad_input_is_400(client: openai.OpenAI, extra: dict[str, object], param
     with pytest.raises(openai.BadRequestError) as info:
         client.responses.create(model="smollm2", input="hi", max_output_tokens=2, extra_body=extra)
     body = info.value.body
-    assert isinstance(body, dict) and body["param"] == param
+    assert isinstance(body, dict) and body["param"].split(".")[0] == param

@@ -182,7 +182,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "simpleLoadModel",
         "Load a model the server knows, now.",
         "simple",
-        statuses=(404, 409),
+        statuses=(404, 409, 429),
         body=LoadModelBody,
     ),
     Operation(
