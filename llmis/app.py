@@ -15,7 +15,9 @@ from llmis.api import (
     openai,
     openapi,
     pages,
+    responses,
     search,
+    simple,
     ws,
 )
 from llmis.api.middleware import error_middleware
@@ -50,6 +52,8 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(embeddings.routes)
     app.add_routes(ollama.routes)
     app.add_routes(anthropic.routes)
+    app.add_routes(responses.routes)
+    app.add_routes(simple.routes)
     search.setup(app)
     ws.setup(app)
     pages.setup(app)

@@ -126,12 +126,12 @@ def token_piece(vocab: llama_cpp.llama_vocab_p, token: int) -> bytes:
     return buf.raw[:n]
 
 
-def _parse_grammar(vocab: llama_cpp.llama_vocab_p, grammar: str) -> llama_cpp.llama_sampler_p:
+def _parse_grammar(
+    vocab: llama_cpp.llama_vocab_p, grammar: str, param: str = "response_format"
+) -> llama_cpp.llama_sampler_p:
     parsed = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
     if not parsed:
-        raise BadRequestError(
-            "the response_format grammar could not be parsed", param="response_format"
-        )
+        raise BadRequestError(f"the {param} grammar could not be parsed", param=param)
     return parsed  # type: ignore[no-any-return]
 
 
@@ -446,8 +446,18 @@ class Engine:
         with self.use():
             return list(self.model.tokenize(text.encode("utf-8"), add_bos, special))
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Render ``messages`` with the model's chat template and tokenize the result."""
+    @property
+    def chat_template(self) -> str | None:
+        """The GGUF's Jinja chat template (None under a named ``chat_format``)."""
+        if self.chat_template_source != "gguf":
+            return None
+        return self.metadata.get("tokenizer.chat_template")
+
+    def chat_prompt(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """Render ``messages`` (and ``tools``, for a template that renders them) with the
+        model's chat template and tokenize the result."""
         if self._formatter is None:
             raise BadRequestError(
                 "this model has no chat template; set chat_format in its config "
@@ -456,7 +466,8 @@ class Engine:
                 code="no_chat_template",
             )
         try:
-            result = self._formatter(messages=messages)  # type: ignore[arg-type]
+            extra: dict[str, Any] = {"tools": tools} if tools else {}
+            result = self._formatter(messages=messages, **extra)  # type: ignore[arg-type]
         except Exception as exc:  # a template raising is a request problem
             raise BadRequestError(
                 f"the chat template rejected these messages: {_short(exc)}", param="messages"
@@ -466,12 +477,12 @@ class Engine:
     def text_prompt(self, prompt: str) -> list[int]:
         return self.tokenize(prompt)
 
-    def check_grammar(self, grammar: str | None) -> None:
+    def check_grammar(self, grammar: str | None, param: str = "response_format") -> None:
         """Raise a 400 unless llama.cpp parses ``grammar`` (GBNF, 'root' rule)."""
         if grammar is None:
             return
         with self.use():
-            llama_cpp.llama_sampler_free(_parse_grammar(self.vocab, grammar))
+            llama_cpp.llama_sampler_free(_parse_grammar(self.vocab, grammar, param))
 
     def check_context(self, n_prompt: int, max_tokens: int | None, param: str) -> int:
         """Return the effective ``max_tokens``; raise if the request cannot fit the context."""

@@ -20,6 +20,7 @@ from typing import Any
 
 from llmis.engine import Engine, FinishReason, SamplingParams
 from llmis.errors import APIError
+from llmis.logprobs import TokenLogprob
 
 __all__ = [
     "CallJob",
@@ -43,6 +44,8 @@ class Started:
 @dataclass(frozen=True)
 class Delta:
     text: str
+    # the tokens behind ``text`` when the job asked for logprobs (Job.logprobs)
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class Job:
     enqueued_at: float = field(default_factory=time.monotonic)
     id: int = field(default_factory=lambda: next(_job_ids))
     done: bool = False
+    logprobs: int | None = None  # report each token's logprob and this many alternatives
 
     def emit(self, event: JobEvent) -> None:
         """Thread-safe: queue ``event`` for the consumer on the job's event loop."""

@@ -257,7 +257,7 @@ class _Watch:
         if self.scanner is None:
             return [event]
         text = self.scanner.feed(event.text)
-        out: list[JobEvent] = [Delta(text)] if text else []
+        out: list[JobEvent] = [Delta(text, event.logprobs)] if text or event.logprobs else []
         if self.scanner.tripped:
             self._stop_job("content_filter")
             self.job.done = True

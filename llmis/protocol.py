@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from llmis.engine import FinishReason, SamplingParams
-from llmis.errors import BadRequestError
+from llmis.errors import BadRequestError, shown
 
 __all__ = [
     "GREEDY_BELOW",
@@ -60,6 +60,7 @@ MAX_SCHEMA_BYTES = 64 * 1024  # a response_format JSON schema, serialized
 MAX_LOGIT_BIAS = 1024  # entries in logit_bias
 MAX_TOKEN_ID = 2**31 - 1  # llama.cpp token ids are int32
 MAX_NAME_CHARS = 256  # a model name
+MAX_TOP_LOGPROBS = 20  # alternatives per token in logprobs (OpenAI's limit)
 # A temperature above 0 but below this samples greedily: dividing logits by a tiny float32
 # overflows to infinity, and the limit of sampling as the temperature goes to 0 is argmax.
 GREEDY_BELOW = 0.01
@@ -90,10 +91,53 @@ class TextPart(_Lenient):
     text: str
 
 
+MAX_TOOLS = 128  # functions per request
+TOOL_NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # OpenAI's rule for a function name
+
+
+class FunctionCall(_Lenient):
+    name: str = Field(min_length=1, max_length=256)
+    arguments: str = ""
+
+
+class AssistantToolCall(_Lenient):
+    """A tool call in an assistant message of the history (``message.tool_calls[i]``)."""
+
+    id: str = Field(default="", max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDef(_Lenient):
+    name: str = Field(pattern=TOOL_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Lenient):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Lenient):
+    name: str = Field(min_length=1, max_length=256)
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None
+    tool_call_id: str | None = Field(default=None, max_length=256)
 
     @field_validator("content", mode="before")
     @classmethod
@@ -113,7 +157,14 @@ class ChatMessage(_Lenient):
         if isinstance(content, list):
             content = "".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        message: dict[str, Any] = {"role": role, "content": content or ""}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None and self.role == "tool":
+            message["name"] = self.name
+        return message
 
 
 class JsonSchemaSpec(_Lenient):
@@ -227,16 +278,15 @@ class _SamplingRequest(_Lenient):
     stream_options: StreamOptions | None = None
     user: str | None = None
     response_format: ResponseFormat | None = None
-    tools: list[Any] | None = None
     functions: list[Any] | None = None
 
-    @field_validator("tools", "functions")
+    @field_validator("functions")
     @classmethod
-    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
+    def _no_functions(cls, value: list[Any] | None) -> list[Any] | None:
         if value:
             raise ValueError(
-                "tool and function calling are not supported by this server; "
-                "use response_format with a JSON schema for structured output"
+                "the deprecated 'functions' parameter is not supported; send 'tools' "
+                "(chat completions) instead"
             )
         return value
 
@@ -315,6 +365,48 @@ class _SamplingRequest(_Lenient):
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    tools: Annotated[list[ToolDef], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
+        if self.tool_choice is not None and not self.tools and self.tool_choice != "none":
+            raise BadRequestError(
+                "tool_choice: tool_choice is only allowed when tools are specified",
+                param="tool_choice",
+                code="invalid_value",
+            )
+        names = [tool.function.name for tool in self.tools or ()]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise BadRequestError(
+                    f"tools: the function name {name!r} is declared twice",
+                    param=f"tools.{i}.function.name",
+                    code="invalid_value",
+                )
+        if isinstance(self.tool_choice, NamedToolChoice):
+            wanted = self.tool_choice.function.name
+            if wanted not in names:
+                raise BadRequestError(
+                    f"tool_choice: no function named {shown(wanted)!r} is in tools",
+                    param="tool_choice",
+                    code="invalid_value",
+                )
+        if self.top_logprobs is not None and not self.logprobs:
+            raise BadRequestError(
+                "top_logprobs: top_logprobs needs logprobs set to true",
+                param="top_logprobs",
+                code="invalid_value",
+            )
+        return self
+
+    @property
+    def n_logprobs(self) -> int | None:
+        """How many alternatives per token the job reports (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def token_limit(self) -> int | None:
@@ -324,6 +416,15 @@ class ChatCompletionRequest(_SamplingRequest):
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1, le=MAX_TOKENS)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Any] | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
+        if value:
+            raise ValueError("tools are supported on /v1/chat/completions, not on completions")
+        return value
 
     @field_validator("prompt")
     @classmethod
@@ -386,18 +487,24 @@ def chat_response(
     model: str,
     created: int,
     content: str,
-    finish_reason: FinishReason,
+    finish_reason: str,
     prompt_tokens: int,
     completion_tokens: int,
     cached_tokens: int = 0,
+    tool_calls: list[dict[str, Any]] | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["content"] = content or None
+        message["tool_calls"] = tool_calls
     return {
         **_envelope(id_, "chat.completion", model, created),
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": content},
-                "logprobs": None,
+                "message": message,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }
         ],
@@ -409,13 +516,16 @@ def chat_chunk(
     id_: str,
     model: str,
     created: int,
-    delta: dict[str, str],
-    finish_reason: FinishReason | None = None,
+    delta: dict[str, Any],
+    finish_reason: str | None = None,
     include_usage: bool = False,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     chunk = {
         **_envelope(id_, "chat.completion.chunk", model, created),
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [
+            {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        ],
     }
     if include_usage:
         chunk["usage"] = None
@@ -430,11 +540,17 @@ def completion_response(
     prompt_tokens: int,
     completion_tokens: int,
     cached_tokens: int = 0,
+    logprobs: list[dict[str, Any] | None] | None = None,
 ) -> dict[str, Any]:
     return {
         **_envelope(id_, "text_completion", model, created),
         "choices": [
-            {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+            {
+                "index": i,
+                "text": text,
+                "logprobs": logprobs[i] if logprobs else None,
+                "finish_reason": reason,
+            }
             for i, (text, reason) in enumerate(choices)
         ],
         "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
@@ -449,11 +565,12 @@ def completion_chunk(
     text: str,
     finish_reason: FinishReason | None = None,
     include_usage: bool = False,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     chunk = {
         **_envelope(id_, "text_completion", model, created),
         "choices": [
-            {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         ],
     }
     if include_usage:

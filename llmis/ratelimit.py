@@ -121,13 +121,15 @@ def ratelimit_middleware(
     limiter: RateLimiter,
     on_limited: Callable[[str], None],
     prefix: str | tuple[str, ...] = ("/v1/", "/api/"),
+    paths: frozenset[str] = frozenset({"/infer", "/load"}),
 ) -> Middleware:
-    """Admit each request under ``prefix`` (OpenAI, Anthropic, Ollama routes) against its
-    client's buckets (key id, else IP)."""
+    """Admit each request under ``prefix`` (OpenAI, Anthropic, Ollama routes) or to one of
+    ``paths`` (the simple routes) against its client's buckets (key id, else IP)."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not limiter.enabled or not request.path.startswith(prefix):
+        limited = request.path.startswith(prefix) or request.path in paths
+        if not limiter.enabled or not limited:
             return await handler(request)
         client = request.get(KEY_ID) or f"ip:{request.remote}"
         ctx = request.get(REQUEST_CONTEXT)

@@ -50,6 +50,7 @@ import numpy as np
 from llmis.engine import Engine, GenerationContext, Sampler, TextStream
 from llmis.errors import APIError, ModelUnavailableError, QueueFullError
 from llmis.jobs import CallJob, Delta, Failed, Finished, Job, JobEvent, SlotStats, Started
+from llmis.logprobs import TokenLogprob, token_logprob
 
 __all__ = ["Scheduler"]
 
@@ -72,6 +73,7 @@ class _Slot:
     logits_at: int = -1  # batch index of this sequence's logits after a decode
     cached: int = 0  # prompt tokens reused from the slot's previous sequence
     last_used: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent in a Delta
     # the logits after the last prompt token of the slot's previous job: a request for the
     # same prompt samples from them without a decode (``prompt_canonical``: that prompt was
     # evaluated in aligned chunks, as a fresh context evaluates it, so seeds may use them)
@@ -447,6 +449,7 @@ class Scheduler:
         slot.next_token = None
         slot.logits_at = -1
         slot.from_logits = False
+        slot.logprobs = []
         with self._cond:
             slot.job = None
 
@@ -537,18 +540,30 @@ class Scheduler:
             if slot.from_logits:
                 assert slot.prompt_logits is not None
                 slot.from_logits = False
-                token = sampler.sample_logits(slot.prompt_logits)
+                row = slot.prompt_logits
+                token = sampler.sample_logits(row)
             else:
                 if len(slot.tokens) == len(job.prompt):  # the prompt's last token
                     self._save_prompt_logits(slot, gen.ctx)
                 token = sampler.sample(gen.ctx, slot.logits_at)
+                row = None
+            if job.logprobs is not None and not llama_cpp.llama_vocab_is_eog(
+                self.engine.vocab, token
+            ):
+                if row is None:
+                    n_vocab = self.engine.n_vocab
+                    logits = llama_cpp.llama_get_logits_ith(gen.ctx, slot.logits_at)
+                    row = np.ctypeslib.as_array(logits, shape=(n_vocab,))
+                slot.logprobs.append(token_logprob(row, self.engine.vocab, token, job.logprobs))
         except Exception as exc:
             self._fail_slot(slot, job, exc, "sampling failed for", outbox)
             return
         slot.logits_at = -1
         step = out.push(token)
-        if step is not None and step.text:
-            outbox.append((job, Delta(step.text)))
+        finishing = step is not None and step.finish_reason is not None
+        if step is not None and (step.text or (finishing and slot.logprobs)):
+            outbox.append((job, Delta(step.text, tuple(slot.logprobs))))
+            slot.logprobs = []
         if step is not None and step.finish_reason is not None:
             n_prompt, n_out = len(job.prompt), step.completion_tokens
             finished = Finished(

@@ -15,10 +15,13 @@ from typing import TypeVar
 from llmis.engine import FinishReason
 from llmis.errors import APIError, BadRequestError
 from llmis.jobs import Delta, Failed, Finished, Job, JobEvent
+from llmis.logprobs import TokenLogprob
 from llmis.models import ModelManager
 from llmis.oversight import Guard
 from llmis.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from llmis.scheduler import Scheduler
+from llmis.toolcalls import OutputParser
+from llmis.tools import ToolPlan, plan_tools
 
 __all__ = ["Generation", "Result", "count_chat_tokens", "start_chat", "start_completion"]
 
@@ -37,6 +40,11 @@ class Generation:
     worker: Scheduler
     jobs: Sequence[Job]
     guard: Guard
+    tools: ToolPlan | None = None  # how to read tool calls out of the text (chat)
+
+    def parser(self) -> OutputParser:
+        """A parser of this generation's text into content and tool calls."""
+        return OutputParser(self.tools)
 
     def cancel(self) -> None:
         for job in self.jobs:
@@ -61,6 +69,7 @@ class Result:
     completion_tokens: int
     cached_tokens: int = 0
     stop_sequence: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 def _grammar(request: ChatCompletionRequest | CompletionRequest) -> str | None:
@@ -91,20 +100,26 @@ async def start_chat(manager: ModelManager, request: ChatCompletionRequest) -> G
         loop = asyncio.get_running_loop()
         grammar = _grammar(request)
 
-        def prepare() -> list[int]:  # one trip to a thread: the grammar check, then the prompt
+        def prepare() -> tuple[list[int], ToolPlan | None]:  # one trip to a thread
+            plan = plan_tools(request, engine.chat_template)
+            if plan is not None:
+                engine.check_grammar(plan.grammar, "tools")
+                return engine.chat_prompt(plan.prepare(messages), plan.template_tools()), plan
             engine.check_grammar(grammar)
-            return engine.chat_prompt(messages)
+            return engine.chat_prompt(messages), None
 
-        prompt = await _blocking(prepare)
+        prompt, plan = await _blocking(prepare)
         limit = guard.max_tokens(len(prompt), request.token_limit, "messages")
         max_tokens = guard.clamp(engine.check_context(len(prompt), limit, "messages"), limit)
         params = request.sampling(max_tokens)
         if engine.chat_stops:
             params = replace(params, stop=params.stop + engine.chat_stops)
-        job = Job(prompt, params, loop)
+        if plan is not None and plan.grammar is not None:
+            params = replace(params, grammar=plan.grammar)
+        job = Job(prompt, params, loop, logprobs=request.n_logprobs)
         worker.submit([job])
     # worker.name is the model actually serving: an alias reports its current version.
-    return Generation(worker.name, worker, [job], guard)
+    return Generation(worker.name, worker, [job], guard, plan)
 
 
 async def count_chat_tokens(manager: ModelManager, model: str, messages: list[ChatMessage]) -> int:
@@ -152,16 +167,18 @@ async def _submit_completion(
     for p in prompts:
         limit = guard.max_tokens(len(p), request.max_tokens, "prompt")
         max_tokens = guard.clamp(engine.check_context(len(p), limit, "prompt"), limit)
-        jobs.append(Job(p, request.sampling(max_tokens), loop))
+        jobs.append(Job(p, request.sampling(max_tokens), loop, logprobs=request.logprobs))
     worker.submit(jobs)
     return Generation(worker.name, worker, jobs, guard)
 
 
 async def _collect(events: AsyncIterator[JobEvent | None]) -> Result:
     parts: list[str] = []
+    logprobs: list[TokenLogprob] = []
     async for event in events:
         if isinstance(event, Delta):
             parts.append(event.text)
+            logprobs.extend(event.logprobs)
         elif isinstance(event, Finished):
             return Result(
                 "".join(parts),
@@ -170,6 +187,7 @@ async def _collect(events: AsyncIterator[JobEvent | None]) -> Result:
                 event.completion_tokens,
                 event.cached_tokens,
                 event.stop_sequence,
+                tuple(logprobs),
             )
         elif isinstance(event, Failed):
             raise event.error

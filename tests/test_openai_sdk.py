@@ -209,10 +209,7 @@ def test_response_format_json_object_streams_json(client: openai.OpenAI) -> None
     [
         ({"response_format": {"type": "json_schema"}}, "response_format"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
-        (
-            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-            "tools",
-        ),
+        ({"tool_choice": "required"}, "tool_choice"),
     ],
 )
 def test_unsupported_or_bad_structured_output_requests(

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from llmis.api.middleware import read_json
 from llmis.jobs import Delta, Failed, Finished
+from llmis.logprobs import chat_logprobs, completion_logprobs
 from llmis.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -21,6 +22,7 @@ from llmis.protocol import (
 from llmis.serving import Generation, start_chat, start_completion
 from llmis.sse import EventStream
 from llmis.state import MANAGER, SETTINGS
+from llmis.toolcalls import chat_deltas, tool_call_objects
 
 __all__ = ["routes"]
 
@@ -51,16 +53,21 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if req.stream:
             return await _stream_chat(request, req, generation)
         result = await generation.collect(generation.jobs[0])
+        parser = generation.parser()
+        parser.feed(result.text)
+        parser.finish()
         return web.json_response(
             chat_response(
                 new_id("chatcmpl"),
                 generation.model,
                 now(),
-                result.text,
-                result.finish_reason,
+                parser.content,
+                parser.finish_reason(result.finish_reason),
                 result.prompt_tokens,
                 result.completion_tokens,
                 result.cached_tokens,
+                tool_calls=tool_call_objects(parser),
+                logprobs=chat_logprobs(result.logprobs) if req.logprobs else None,
             )
         )
     finally:
@@ -85,6 +92,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 sum(r.prompt_tokens for r in results),
                 sum(r.completion_tokens for r in results),
                 sum(r.cached_tokens for r in results),
+                logprobs=[completion_logprobs(r.logprobs) for r in results]
+                if req.logprobs is not None
+                else None,
             )
         )
     finally:
@@ -104,15 +114,24 @@ async def _stream_chat(
         await sse.send(
             chat_chunk(id_, model, created, {"role": "assistant", "content": ""}, None, usage)
         )
+        parser = generation.parser()
+        want_logprobs = req.logprobs
         async for event in generation.events(generation.jobs[0], keepalive):
             if event is None:
                 await sse.ping()
             elif isinstance(event, Delta):
-                await sse.send(
-                    chat_chunk(id_, model, created, {"content": event.text}, None, usage)
-                )
+                logprobs = chat_logprobs(event.logprobs) if want_logprobs else None
+                deltas = chat_deltas(parser.feed(event.text))
+                if not deltas and logprobs is not None and event.logprobs:
+                    deltas = [{"content": ""}]  # the tokens' logprobs go out with the tokens
+                for delta in deltas:
+                    await sse.send(chat_chunk(id_, model, created, delta, None, usage, logprobs))
+                    logprobs = None
             elif isinstance(event, Finished):
-                await sse.send(chat_chunk(id_, model, created, {}, event.finish_reason, usage))
+                for delta in chat_deltas(parser.finish()):
+                    await sse.send(chat_chunk(id_, model, created, delta, None, usage))
+                reason = parser.finish_reason(event.finish_reason)
+                await sse.send(chat_chunk(id_, model, created, {}, reason, usage))
                 if usage:
                     await sse.send(
                         usage_chunk(
@@ -145,12 +164,19 @@ async def _stream_completion(
     try:
         await sse.prepare()
         for index, job in enumerate(generation.jobs):
+            offset = 0
             async for event in generation.events(job, keepalive):
                 if event is None:
                     await sse.ping()
                 elif isinstance(event, Delta):
+                    logprobs = None
+                    if req.logprobs is not None:
+                        logprobs = completion_logprobs(event.logprobs, offset)
+                        offset += len(event.text)
                     await sse.send(
-                        completion_chunk(id_, model, created, index, event.text, None, usage)
+                        completion_chunk(
+                            id_, model, created, index, event.text, None, usage, logprobs
+                        )
                     )
                 elif isinstance(event, Finished):
                     prompt_tokens += event.prompt_tokens

@@ -35,7 +35,9 @@ from llmis.api.ollama_protocol import (
     OllamaPullRequest,
     OllamaShowRequest,
 )
+from llmis.api.responses import ResponsesRequest
 from llmis.api.search import SearchRequest
+from llmis.api.simple import InferBody, LoadModelBody
 from llmis.protocol import ChatCompletionRequest, CompletionRequest
 
 __all__ = ["DOCUMENT", "OPERATIONS", "Operation", "build_document", "routes", "setup"]
@@ -202,6 +204,41 @@ OPERATIONS: tuple[Operation, ...] = (
         statuses=_TEXT_GENERATION,
         body=CompletionRequest,
         ok={"application/json": {"schema": _JSON_OBJECT}, "text/event-stream": {"schema": _SSE}},
+    ),
+    Operation(
+        "post",
+        "/v1/responses",
+        "createResponse",
+        "A response (OpenAI's Responses API, stateless); with `stream: true`, typed "
+        "server-sent events (`event:` lines, `sequence_number`).",
+        "openai",
+        statuses=_TEXT_GENERATION,
+        body=ResponsesRequest,
+        ok={"application/json": {"schema": _JSON_OBJECT}, "text/event-stream": {"schema": _SSE}},
+    ),
+    Operation("get", "/models", "simpleListModels", "Every model with its state.", "simple"),
+    Operation(
+        "post",
+        "/load",
+        "simpleLoadModel",
+        "Load a model the server knows, now.",
+        "simple",
+        statuses=(404, 409, 429),
+        body=LoadModelBody,
+    ),
+    Operation(
+        "post",
+        "/infer",
+        "simpleInfer",
+        "Generate from `prompt` or `messages`; `?stream=true` for server-sent events.",
+        "simple",
+        statuses=_TEXT_GENERATION,
+        body=InferBody,
+        ok={"application/json": {"schema": _JSON_OBJECT}, "text/event-stream": {"schema": _SSE}},
+        description=(
+            "Any parameter of /v1/completions or /v1/chat/completions is accepted. The "
+            "stream sends `{text}` events, then `{finish_reason, usage}` and `[DONE]`."
+        ),
     ),
     Operation(
         "post",

@@ -8,10 +8,11 @@ Client → server, one JSON object per text message:
 * ``{"type": "cancel", "id": ...}`` stops that generation;
 * ``{"type": "ping"}`` is answered by ``{"type": "pong"}`` (browsers cannot send WS pings).
 
-Server → client: ``delta`` events, then exactly one ``done`` (``finish_reason`` ``stop``,
-``length`` or ``cancelled``) or ``error`` per chat id. Errors carry the body and status an
-HTTP request would get. The server pings the socket (aiohttp heartbeat) and a close cancels
-every job of the socket.
+Server → client: ``delta`` events (``content``, or ``tool_calls`` pieces in the shape of
+OpenAI's streamed ``delta.tool_calls``), then exactly one ``done`` (``finish_reason`` ``stop``,
+``length``, ``tool_calls`` or ``cancelled``) or ``error`` per chat id. Errors carry the body
+and status an HTTP request would get. The server pings the socket (aiohttp heartbeat) and a
+close cancels every job of the socket.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from llmis.request_context import current_request, new_request_id, request_scope
 from llmis.serving import Generation, start_chat
 from llmis.sse import within
 from llmis.state import MANAGER, OVERSIGHT, SETTINGS
+from llmis.toolcalls import chat_deltas
 from llmis.trimming import start_trimmed_chat
 
 __all__ = ["SOCKETS", "heartbeat_seconds", "routes", "setup"]
@@ -202,14 +204,18 @@ class _Session:
                 generation, trimmed = await start_trimmed_chat(self.manager, request)
             else:
                 generation, trimmed = await start_chat(self.manager, request), 0
+            parser = generation.parser()
             async for event in generation.events(generation.jobs[0]):
                 if isinstance(event, Delta):
-                    await self.send({"type": "delta", "id": id_, "content": event.text})
+                    for delta in chat_deltas(parser.feed(event.text)):
+                        await self.send({"type": "delta", "id": id_, **delta})
                 elif isinstance(event, Finished):
+                    for delta in chat_deltas(parser.finish()):
+                        await self.send({"type": "delta", "id": id_, **delta})
                     done: dict[str, Any] = {
                         "type": "done",
                         "id": id_,
-                        "finish_reason": event.finish_reason,
+                        "finish_reason": parser.finish_reason(event.finish_reason),
                         "usage": usage(event.prompt_tokens, event.completion_tokens),
                     }
                     if trimmed:
