@@ -338,40 +338,24 @@ class Engine:
         self.flash_attn: FlashAttention = (
             "off" if flash_attn == "auto" and n_gpu_layers == 0 else flash_attn
         )
+        self.flash_attn_config = flash_attn  # the embedding context reads "auto" as on
         self.embedding = embedding
-        self.llm: llama_cpp.Llama | None = None
         self._users = 0
         self._users_cond = threading.Condition()
         try:
-            if embedding:
-                self.llm = llama_cpp.Llama(
-                    model_path=str(path),
-                    n_ctx=n_ctx,
-                    n_batch=n_batch,
-                    n_gpu_layers=n_gpu_layers,
-                    n_threads=threads,
-                    n_threads_batch=threads,
-                    embedding=True,
-                    verbose=False,
-                )
-                self.model: _internals.LlamaModel = self.llm._model
-            else:
-                llama_cpp.llama_backend_init()  # idempotent; llama-cpp-python does it per Llama
-                _set_llama_verbose(False)  # llama.cpp's log: errors only, as Llama(verbose=False)
-                params = llama_cpp.llama_model_default_params()
-                params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers
-                self.model = _internals.LlamaModel(
-                    path_model=str(path), params=params, verbose=False
-                )
+            llama_cpp.llama_backend_init()  # idempotent; llama-cpp-python does it per Llama
+            _set_llama_verbose(False)  # llama.cpp's log: errors only, as Llama(verbose=False)
+            params = llama_cpp.llama_model_default_params()
+            params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers
+            self.model: _internals.LlamaModel = _internals.LlamaModel(
+                path_model=str(path), params=params, verbose=False
+            )
         except (ValueError, RuntimeError) as exc:
             raise ModelFileError(f"cannot load {path.name}: {_short(exc)}") from None
         self.vocab = self.model.vocab
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.metadata: dict[str, str] = self.model.metadata()
-        # A request can use n_ctx tokens; the generation context rounds it up (to 256), and an
-        # embedding context is what it is.
-        if self.llm is not None:
-            n_ctx = min(int(self.llm.n_ctx()), int(self.llm.context_params.n_ctx))
+        # A request can use n_ctx tokens (the generation context rounds it up, to 256)
         self.n_ctx: int = n_ctx
         self.chat_template_source = "none"
         self._formatter = self._make_formatter(chat_format)
@@ -547,10 +531,7 @@ class Engine:
             if not self._users_cond.wait_for(lambda: self._users == 0, timeout):
                 logger.error("model %s is still in use; it is not freed", self.path.name)
                 return False
-            if self.llm is not None:
-                self.llm.close()
-            else:
-                self.model.close()
+            self.model.close()
         return True
 
 

@@ -1,7 +1,7 @@
 """``llmis index FILE.csv --text-column COL [--id-column COL] --model M --out NAME``.
 
 Reads a CSV table, embeds the text column of every row with an embedding model of the config
-(on that model's worker thread, in batches, with a progress bar) and writes the index
+(on that model's embedding scheduler, batched, with a rows/s progress bar) and writes the index
 ``<indexes_dir>/NAME`` (see :mod:`llmis.index`). Re-running it re-embeds only rows whose text
 changed: vectors are reused by content hash from the previous build when it used the same
 model file. The whole CSV is checked before any model is loaded, and the index is swapped in
@@ -16,6 +16,7 @@ import csv
 import io
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from numpy.typing import NDArray
 from tqdm import tqdm
 
 from llmis.config import Settings
-from llmis.embeddings import acquire_embedder, embed_on_worker
+from llmis.embeddings import Embeddings, acquire_embedder, embed
 from llmis.errors import APIError
 from llmis.index import (
     NAME_PATTERN,
@@ -37,6 +38,8 @@ from llmis.index import (
     valid_name,
 )
 from llmis.models import ModelManager
+
+IN_FLIGHT = 3  # embedding jobs queued at once
 
 __all__ = ["BuildReport", "IndexBuildError", "Table", "add_arguments", "build", "read_table", "run"]
 
@@ -159,7 +162,7 @@ async def build(
     text_column: str,
     model: str,
     id_column: str | None = None,
-    batch_size: int = 32,
+    batch_size: int = 128,
     encoding: str = "utf-8-sig",
     progress: bool = True,
 ) -> BuildReport:
@@ -172,10 +175,10 @@ async def build(
     manager = ModelManager(settings)
     try:
         try:
-            worker, pooling = await acquire_embedder(manager, model)
+            embedder, pooling = await acquire_embedder(manager, model)
         except APIError as exc:
             raise IndexBuildError(exc.message) from None
-        path = worker.engine.path
+        path = embedder.engine.path
         model_size = path.stat().st_size
         old = _previous(root / name, model, path.name, model_size)
         known: dict[str, NDArray[np.float32]] = {}
@@ -184,16 +187,30 @@ async def build(
         reused = sum(1 for r in table.rows if r.hash in known)
         todo = list(dict.fromkeys(r.text for r in table.rows if r.hash not in known))
         truncated = 0
+        # a few jobs in flight, so the embedding thread always has the next rows queued
+        # while the finished ones are stored; each job's rows are batched by the scheduler
+        pending: deque[tuple[list[str], asyncio.Task[Embeddings]]] = deque()
         with tqdm(
-            total=len(todo), unit="row", desc=f"embedding {name}", disable=not progress
+            total=len(todo), unit="rows", desc=f"embedding {name}", disable=not progress
         ) as bar:
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start : start + batch_size]
-                result = await embed_on_worker(worker, chunk, pooling=pooling, truncate=True)
-                truncated += result.truncated
-                for text, vector in zip(chunk, result.vectors, strict=True):
-                    known[text_hash(text)] = vector
-                bar.update(len(chunk))
+            chunks = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+            chunks.reverse()
+            try:
+                while chunks or pending:
+                    while chunks and len(pending) < IN_FLIGHT:
+                        chunk = chunks.pop()
+                        job = embed(embedder, chunk, pooling=pooling, truncate=True)
+                        pending.append((chunk, asyncio.ensure_future(job)))
+                    done, task = pending.popleft()
+                    result: Embeddings = await task
+                    truncated += result.truncated
+                    for text, vector in zip(done, result.vectors, strict=True):
+                        known[text_hash(text)] = vector
+                    bar.update(len(done))
+            finally:
+                for _, task in pending:
+                    task.cancel()
+                await asyncio.gather(*(task for _, task in pending), return_exceptions=True)
     finally:
         await manager.close()
     vectors = np.stack([known[r.hash] for r in table.rows]).astype(np.float32)
@@ -230,7 +247,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--id-column", help="a column of unique row ids (default: row number)")
     parser.add_argument("--model", required=True, help="an embedding model of the config")
     parser.add_argument("--out", required=True, help=f"index name ({NAME_PATTERN})")
-    parser.add_argument("--batch-size", type=int, default=32, help="rows per embedding call")
+    parser.add_argument("--batch-size", type=int, default=128, help="rows per embedding job")
     parser.add_argument("--encoding", default="utf-8-sig", help="CSV encoding (default UTF-8)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

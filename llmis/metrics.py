@@ -67,6 +67,16 @@ class _ManagerCollector(Collector):
         busy_slots = GaugeMetricFamily(
             "llmis:slots_busy", "Generation slots running a job now.", labels=_MODEL
         )
+        embedded = CounterMetricFamily(
+            "llmis:embedding_rows",
+            "Inputs embedded (since the model loaded).",
+            labels=_MODEL,
+        )
+        embed_decodes = CounterMetricFamily(
+            "llmis:embedding_decodes",
+            "llama_decode calls of embedding batches, each holding rows of one or more requests.",
+            labels=_MODEL,
+        )
         loaded = 0
         for entry in self.manager.entries():
             worker = entry.worker
@@ -78,6 +88,10 @@ class _ManagerCollector(Collector):
                 slots = worker.slot_stats()
                 kv_tokens.add_metric([entry.name], sum(s.kv_tokens for s in slots))
                 busy_slots.add_metric([entry.name], sum(s.job_id is not None for s in slots))
+                embedder = getattr(worker, "embedder", None)
+                if embedder is not None:
+                    embedded.add_metric([entry.name], embedder.rows_total)
+                    embed_decodes.add_metric([entry.name], embedder.decodes_total)
             for kind in ("predicted", "measured"):
                 value = getattr(entry, f"{kind}_bytes", None)
                 if isinstance(value, int):
@@ -88,6 +102,8 @@ class _ManagerCollector(Collector):
         yield cached
         yield kv_tokens
         yield busy_slots
+        yield embedded
+        yield embed_decodes
         yield GaugeMetricFamily("llmis:models_loaded", "Models loaded now.", value=loaded)
         evictions = getattr(self.manager, "evictions", None)
         if isinstance(evictions, Mapping):

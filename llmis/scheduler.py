@@ -47,6 +47,7 @@ from typing import Any, TypeVar
 import llama_cpp
 import numpy as np
 
+from llmis.embedding_scheduler import EmbeddingScheduler
 from llmis.engine import Engine, GenerationContext, Sampler, TextStream
 from llmis.errors import APIError, ModelUnavailableError, QueueFullError
 from llmis.jobs import CallJob, Delta, Failed, Finished, Job, JobEvent, SlotStats, Started
@@ -149,6 +150,14 @@ class Scheduler:
             # one aligned chunk per sequence per step, beside one decode row per slot
             self.chunk = max(1, min(256, self._gen.n_batch - self.slots))
             self._batch = llama_cpp.llama_batch_init(self._gen.n_batch, 0, 1)
+        # an embedding model's inputs are batched by a thread of their own
+        self.embedder: EmbeddingScheduler | None = None
+        if engine.embedding:
+            try:
+                self.embedder = EmbeddingScheduler(name, engine, queue_size)
+            except BaseException:
+                self._release_context()
+                raise
         self._thread = threading.Thread(target=self._main, name=f"llmis-{name}", daemon=True)
         self._thread.start()
 
@@ -156,15 +165,16 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + (self.embedder.queued if self.embedder else 0)
 
     @property
     def running(self) -> int:
-        return sum(s.job is not None for s in self._slots) + self._calls_running
+        embedding = self.embedder.running if self.embedder else 0
+        return sum(s.job is not None for s in self._slots) + self._calls_running + embedding
 
     @property
     def busy(self) -> bool:
-        return self.running > 0 or bool(self._queue)
+        return self.running > 0 or self.queued > 0
 
     def slot_stats(self) -> list[SlotStats]:
         """Per slot: the running job's id and the KV cells held (a finished sequence's
@@ -176,6 +186,8 @@ class Scheduler:
 
     def on_failure(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
         """Call ``callback`` on ``loop`` if the scheduler thread dies."""
+        if self.embedder is not None:
+            self.embedder.on_failure(loop, callback)
         with self._cond:
             if self.failure is None:
                 self._failure_waiters.append((loop, callback))
@@ -186,10 +198,13 @@ class Scheduler:
         """Wait (on an event, not a timer) until no job is queued or running."""
         loop = asyncio.get_running_loop()
         while self.busy and self._thread.is_alive():
+            if self.embedder is not None and self.embedder.busy:
+                await self.embedder.drain()
+                continue
             idle = asyncio.Event()
             with self._cond:
-                if not self.busy:
-                    return
+                if not self._queue and not self._active() and not self._calls_running:
+                    continue  # the generation side is idle: check the embedding side again
                 self._idle_waiters.append((loop, idle.set))
             await idle.wait()
 
@@ -258,6 +273,8 @@ class Scheduler:
             # Never free a model a thread still uses: leaking it beats a segfault.
             logger.error("scheduler of %s did not stop; its model is not freed", self.name)
             return
+        if self.embedder is not None and not self.embedder.close(timeout):
+            return  # never free a model its embedding thread still uses
         self.engine.close()
 
     # ----- scheduler-thread side -----
@@ -271,14 +288,17 @@ class Scheduler:
         finally:
             for slot in self._slots:
                 self._release(slot)
-            if self._batch is not None:
-                llama_cpp.llama_batch_free(self._batch)
-                self._batch = None
-            if self._gen is not None:
-                self._gen.close()
+            self._release_context()
             with self._cond:
                 waiters, self._idle_waiters = self._idle_waiters, []
             _notify(waiters)
+
+    def _release_context(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._gen is not None:
+            self._gen.close()
 
     def _die(self, reason: str) -> None:
         """Fail every waiting and running job and tell the model manager."""

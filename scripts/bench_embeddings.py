@@ -1,37 +1,49 @@
-"""`make bench` (embeddings and search): retrieval quality, throughput and query latency.
+"""`make bench` (embeddings and search): llmis against llama-server on the same MiniLM GGUF.
 
-For each embedding model tried (all-MiniLM-L6-v2 converted to GGUF; the bundled SmolLM2-135M
-with llmis's mean pooling and with last-token pooling):
-  * recall@1 and recall@3 of ``data/queries.csv`` (32 labelled queries) against
-    ``data/topics.csv`` (102 topics), embedding the ``text`` column;
-  * embedding throughput in rows/s (batches of 32 synthetic sentences, in process).
-Then, for the chosen model (MiniLM), on a synthetic 10k-row index:
-  * query latency of ``POST /v1/search`` through a real llmis server (p50 / p95), and its
-    parts measured in process: embedding the query, and the exact top-k over 10k and 100k rows.
-The synthetic index holds random unit vectors: latency does not depend on what they mean.
-Models run with ``--threads`` llama.cpp threads (default 1: on the shared 2-core machine 2
-threads measured slower, 12 vs 61 rows/s for MiniLM, as the threads spin against other load).
+1. Retrieval quality, in process: recall@1 / recall@3 of ``data/queries.csv`` (32 labelled
+   queries) against ``data/topics.csv`` (102 topics) with MiniLM (llmis's batched path).
+2. Throughput, llmis and llama-server started side by side on the same GGUF with the same
+   thread count (llama-server as the issue measured it: ``--embedding --pooling mean -np 8
+   -b 4096 -ub 4096``, built once into ``~/.cache/llmis/llama-server/``), run interleaved
+   (A B, B A, ...) because the machine is noisy; per server, the median over rounds of:
+     * one /v1/embeddings request of the 102 topic texts (rows/s);
+     * 4 concurrent clients x 32 rows (aggregate rows/s);
+     * a synthetic CSV of ``--index-rows`` (10k) rows: ``llmis index`` for llmis (rows over
+       its wall time, start-up included), and for llama-server the same rows sent as
+       ``llmis index`` sends them (jobs of 128 rows, 3 in flight);
+   and the ratios llmis / llama-server. Only the ratios mean anything on a shared machine.
+3. Search: ``POST /v1/search`` p50 / p95 on a 10k-row index through the llmis server, beside a
+   one-query /v1/embeddings p50 on both servers, and exact top-k in process.
+``--sweep`` first times token budgets per decode in process (how BATCH_TOKENS was chosen).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import json
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import numpy as np
+import psutil
 
-from llmis.embeddings import Pooling, embed
+from llmis.embedding_context import EmbeddingContext
+from llmis.embeddings import embed_in_process
 from llmis.engine import Engine
 from llmis.index import Index, IndexRow, Manifest, save_index
 from llmis.search import top_k
+from scripts.bench_batching import Server, _wait_http, llama_server_binary
 from scripts.convert_minilm import ensure_converted
-from tests.conftest import REPO, launch, smollm_path
+from tests.conftest import REPO, free_port, launch
 
 TOPICS = REPO / "data" / "topics.csv"
 QUERIES = REPO / "data" / "queries.csv"
@@ -60,26 +72,30 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def quality(engine: Engine, pooling: Pooling) -> tuple[float, float, float]:
+def quality(context: EmbeddingContext) -> tuple[float, float]:
     ids, texts, queries = load_eval()
-    docs = np.concatenate(
-        [
-            embed(engine, texts[i : i + 32], pooling=pooling).vectors
-            for i in range(0, len(texts), 32)
-        ]
-    )
-    q = embed(engine, [query for query, _ in queries], pooling=pooling).vectors
+    docs = embed_in_process(context, texts, batch_tokens=160).vectors
+    q = embed_in_process(context, [query for query, _ in queries], batch_tokens=160).vectors
     ranked = np.argsort(-(q @ docs.T), axis=1)
     hits1 = sum(ids[int(r[0])] == want for r, (_, want) in zip(ranked, queries, strict=True))
     hits3 = sum(
         want in {ids[int(i)] for i in r[:3]} for r, (_, want) in zip(ranked, queries, strict=True)
     )
-    sentences = synthetic_sentences(256)
-    started = time.perf_counter()
-    for i in range(0, len(sentences), 32):
-        embed(engine, sentences[i : i + 32], pooling=pooling)
-    rate = len(sentences) / (time.perf_counter() - started)
-    return hits1 / len(queries), hits3 / len(queries), rate
+    return hits1 / len(queries), hits3 / len(queries)
+
+
+def sweep(context: EmbeddingContext, texts: list[str], rounds: int = 5) -> None:
+    """Rows/s of the topic texts at several token budgets per decode (median of rounds)."""
+    print("\n  tokens per decode -> rows/s (in process, median of rounds)")
+    budgets = [32, 64, 96, 128, 160, 224, 320, 512]
+    rates: dict[int, list[float]] = {b: [] for b in budgets}
+    for _ in range(rounds):
+        for budget in budgets:
+            started = time.perf_counter()
+            embed_in_process(context, texts, batch_tokens=budget)
+            rates[budget].append(len(texts) / (time.perf_counter() - started))
+    for budget in budgets:
+        print(f"    {budget:4}: {statistics.median(rates[budget]):7.1f}")
 
 
 def synthetic_index(name: str, rows: int, dim: int, model: str, path: Path) -> Index:
@@ -114,100 +130,262 @@ def timed(fn: Callable[[], object], n: int) -> list[float]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=1, help="1 beats 2 on a busy machine")
-    parser.add_argument("--queries", type=int, default=200, help="search requests to time")
-    args = parser.parse_args()
+# ----- the servers -----
 
-    minilm = ensure_converted(REPO / "models")
-    candidates: list[tuple[str, Path, Pooling]] = [
-        ("all-MiniLM-L6-v2 (BERT GGUF, mean)", minilm, "mean"),
-        ("SmolLM2-135M Q4_1, mean-pooled", smollm_path(), "mean"),
-        ("SmolLM2-135M Q4_1, last-token", smollm_path(), "last"),
-    ]
-    _, topics, queries = load_eval()
-    print(
-        f"\nembeddings bench: {len(queries)} labelled queries over {len(topics)} topics, "
-        f"{args.threads} threads"
+
+def start_llmis(workdir: Path, minilm: Path, threads: int) -> Server:
+    config = llmis_config(minilm, threads)
+    running = launch(config, workdir)
+    return Server(
+        "llmis", running.url, "minilm", psutil.Process(running.process.pid), running.process
     )
-    print(f"  {'model':40} {'recall@1':>8} {'recall@3':>8} {'rows/s':>8}")
-    engines: dict[Path, Engine] = {}
-    try:
-        for label, path, pooling in candidates:
-            if path not in engines:
-                engines[path] = Engine(path, n_ctx=512, threads=args.threads, embedding=True)
-            r1, r3, rate = quality(engines[path], pooling)
-            print(f"  {label:40} {r1:8.3f} {r3:8.3f} {rate:8.1f}")
-        engine = engines[minilm]
-        embed_ms = timed(lambda: embed(engine, ["how do I fix a dripping tap"]), 50)
-    finally:
-        for engine in engines.values():
-            engine.close()
 
-    small = synthetic_index("synthetic-10k", 10_000, 384, "minilm", minilm)
-    large = synthetic_index("synthetic-100k", 100_000, 384, "minilm", minilm)
-    query = small.vectors[0]
-    topk_10k = timed(lambda: top_k(small, query, 5), 200)
-    topk_100k = timed(lambda: top_k(large, query, 5), 50)
 
-    workdir = Path(tempfile.mkdtemp(prefix="llmis-bench-embed-"))
-    save_index(workdir / "indexes", small.manifest, small.rows, small.vectors)
-    config = f"""
+def llmis_config(minilm: Path, threads: int) -> str:
+    return f"""
 [server]
 host = "127.0.0.1"
-threads = {args.threads}
+threads = {threads}
 models_dir = "{REPO / "models"}"
 
 [[models]]
 name = "minilm"
 path = ".converted/{minilm.name}"
 n_ctx = 512
+queue_size = 64
 embedding = true
 """
-    server = launch(config, workdir)
+
+
+def start_llama_server(binary: Path, workdir: Path, minilm: Path, threads: int) -> Server:
+    port = free_port()
+    log = workdir / "llama-server.log"
+    cmd = [str(binary), "-m", str(minilm), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["-t", str(threads), "-tb", str(threads), "--embedding", "--pooling", "mean"]
+    cmd += ["-np", "8", "-b", "4096", "-ub", "4096", "-c", "4096", "--no-webui"]
+    with log.open("wb") as out:
+        popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    _wait_http(url + "/health", popen, log)
+    return Server("llama-server", url, "minilm", psutil.Process(popen.pid), popen)
+
+
+# ----- the measures -----
+
+
+async def embed_rows(session: aiohttp.ClientSession, server: Server, texts: list[str]) -> None:
+    body = {"model": server.model, "input": texts}
+    async with session.post(server.url + "/v1/embeddings", json=body) as response:
+        data = await response.json()
+        if response.status != 200 or len(data["data"]) != len(texts):
+            raise RuntimeError(f"{server.name}: {response.status} {str(data)[:300]}")
+
+
+async def one_request(server: Server, texts: list[str]) -> float:
+    async with aiohttp.ClientSession() as session:
+        await embed_rows(session, server, texts[:4])  # warm
+        started = time.perf_counter()
+        await embed_rows(session, server, texts)
+        return len(texts) / (time.perf_counter() - started)
+
+
+async def concurrent(server: Server, clients: int, rows: int) -> float:
+    texts = synthetic_sentences(clients * rows)
+    async with aiohttp.ClientSession() as session:
+        started = time.perf_counter()
+        await asyncio.gather(
+            *(embed_rows(session, server, texts[c * rows : (c + 1) * rows]) for c in range(clients))
+        )
+        return clients * rows / (time.perf_counter() - started)
+
+
+async def index_like(
+    server: Server, texts: list[str], batch: int = 128, in_flight: int = 3
+) -> float:
+    """The rows sent as ``llmis index`` sends them: jobs of ``batch`` rows, a few in flight."""
+    chunks = [texts[i : i + batch] for i in range(0, len(texts), batch)]
+    gate = asyncio.Semaphore(in_flight)
+    async with aiohttp.ClientSession() as session:
+
+        async def send(chunk: list[str]) -> None:
+            async with gate:
+                await embed_rows(session, server, chunk)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(send(c) for c in chunks))
+        return len(texts) / (time.perf_counter() - started)
+
+
+def llmis_index(workdir: Path, csv_path: Path, rows: int) -> float:
+    """``llmis index`` on the CSV (a fresh build each time); its own rows/s."""
+    started = time.perf_counter()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmis",
+            "index",
+            str(csv_path),
+            "--config",
+            str(workdir / "llmis.toml"),
+            "--text-column",
+            "text",
+            "--model",
+            "minilm",
+            "--out",
+            f"bench-{time.monotonic_ns()}",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=workdir,
+    )
+    elapsed = time.perf_counter() - started
+    print(f"      {done.stdout.strip()}  (wall {elapsed:.1f}s with start-up)", flush=True)
+    return rows / elapsed
+
+
+async def single_query_ms(server: Server, n: int) -> list[float]:
+    texts = synthetic_sentences(n)
+    out = []
+    async with aiohttp.ClientSession() as session:
+        for text in texts:
+            started = time.perf_counter()
+            await embed_rows(session, server, [text])
+            out.append((time.perf_counter() - started) * 1000)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads, both servers")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (A B, B A)")
+    parser.add_argument("--index-rows", type=int, default=10_000)
+    parser.add_argument("--index-rounds", type=int, default=1, help="rounds of the CSV measure")
+    parser.add_argument("--queries", type=int, default=200, help="search requests to time")
+    parser.add_argument("--sweep", action="store_true", help="time token budgets per decode")
+    parser.add_argument("--no-llama-server", action="store_true", help="skip building/running it")
+    args = parser.parse_args()
+
+    minilm = ensure_converted(REPO / "models")
+    _, topics, queries = load_eval()
+    engine = Engine(minilm, n_ctx=512, threads=args.threads, embedding=True)
     try:
-        queries_text = synthetic_sentences(10 + args.queries)
-
-        def search(i: int) -> None:
-            body = {"index": "synthetic-10k", "query": queries_text[i], "top_k": 5}
-            request = urllib.request.Request(
-                server.url + "/v1/search",
-                json.dumps(body).encode(),
-                {"Content-Type": "application/json"},
-            )
-            with urllib.request.urlopen(request, timeout=30) as response:
-                json.loads(response.read())
-
-        for i in range(10):  # warm-up: load the index and the model's caches
-            search(i)
-        counter = iter(range(10, 10 + args.queries))
-        http_ms = timed(lambda: search(next(counter)), args.queries)
-        floor_ms = timed(lambda: server.get_json("/v1/indexes"), args.queries)
+        context = EmbeddingContext(engine)
+        r1, r3 = quality(context)
+        print(
+            f"\nMiniLM, {len(queries)} labelled queries over {len(topics)} topics: "
+            f"recall@1 {r1:.3f}  recall@3 {r3:.3f}   (was 0.969 at @3)"
+        )
+        if args.sweep:
+            sweep(context, topics)
+        context.close()
     finally:
-        server.stop()
+        engine.close()
 
-    print("\nsearch latency (ms): p50 / p95")
+    workdir = Path(tempfile.mkdtemp(prefix="llmis-bench-embed-"))
+    small = synthetic_index("synthetic-10k", 10_000, 384, "minilm", minilm)
+    save_index(workdir / "llmis" / "indexes", small.manifest, small.rows, small.vectors)
+    csv_path = workdir / "synthetic.csv"
+    with csv_path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "text"])
+        for i, text in enumerate(synthetic_sentences(args.index_rows)):
+            writer.writerow([i, text])
+    index_texts = synthetic_sentences(args.index_rows)
+
+    servers = [start_llmis(workdir / "llmis", minilm, args.threads)]
+    if not args.no_llama_server:
+        servers.append(start_llama_server(llama_server_binary(), workdir, minilm, args.threads))
+    results: dict[str, dict[str, list[float]]] = {s.name: {} for s in servers}
+    print(f"\nthroughput, {args.threads} threads, {args.rounds} interleaved rounds (rows/s)")
+    try:
+        for round_ in range(args.rounds):
+            order = servers if round_ % 2 == 0 else servers[::-1]
+            for server in order:
+                got = results[server.name]
+                got.setdefault("one request x 102", []).append(
+                    asyncio.run(one_request(server, topics))
+                )
+                got.setdefault("4 clients x 32", []).append(asyncio.run(concurrent(server, 4, 32)))
+                print(
+                    f"  round {round_ + 1} {server.name:12} "
+                    f"102: {got['one request x 102'][-1]:6.1f}  "
+                    f"4x32: {got['4 clients x 32'][-1]:6.1f}",
+                    flush=True,
+                )
+        for round_ in range(args.index_rounds):
+            order = servers if round_ % 2 == 0 else servers[::-1]
+            for server in order:
+                key = f"CSV {args.index_rows} rows"
+                if server.name == "llmis":
+                    rate = llmis_index(workdir / "llmis", csv_path, args.index_rows)
+                else:
+                    rate = asyncio.run(index_like(server, index_texts))
+                results[server.name].setdefault(key, []).append(rate)
+                print(f"  CSV round {round_ + 1} {server.name:12} {rate:6.1f} rows/s", flush=True)
+        latency = {s.name: asyncio.run(single_query_ms(s, 50)) for s in servers}
+        search_ms, floor_ms = search_latency(servers[0], args.queries)
+    finally:
+        for server in servers:
+            server.stop()
+
+    print("\nmedians (rows/s)")
+    names = [s.name for s in servers]
     print(
-        f"  POST /v1/search, 10k rows, top 5 (server, end to end): "
-        f"{percentile(http_ms, 50):6.2f} / {percentile(http_ms, 95):6.2f}   (target p50 <= 20)"
+        f"  {'measure':22}"
+        + "".join(f"{n:>14}" for n in names)
+        + ("   llmis / llama-server" if len(names) > 1 else "")
+    )
+    for key in results["llmis"]:
+        medians = [statistics.median(results[n][key]) for n in names]
+        ratio = f"   {medians[0] / medians[1]:.2f}x" if len(medians) > 1 else ""
+        print(f"  {key:22}" + "".join(f"{m:14.1f}" for m in medians) + ratio)
+
+    query = small.vectors[0]
+    topk_10k = timed(lambda: top_k(small, query, 5), 200)
+    print("\nlatency (ms): p50 / p95")
+    print(
+        f"  POST /v1/search, 10k rows, top 5 (llmis):   "
+        f"{percentile(search_ms, 50):6.2f} / {percentile(search_ms, 95):6.2f}   (target p50 <= 20)"
     )
     print(
-        f"  GET /v1/indexes (the server's floor, no model work):  "
+        f"  GET /v1/indexes (llmis's floor):            "
         f"{percentile(floor_ms, 50):6.2f} / {percentile(floor_ms, 95):6.2f}"
     )
+    for name, values in latency.items():
+        print(
+            f"  /v1/embeddings, one query ({name:12}): "
+            f"{percentile(values, 50):6.2f} / {percentile(values, 95):6.2f}"
+        )
     print(
-        f"  embed one query (MiniLM, in process):                 "
-        f"{percentile(embed_ms, 50):6.2f} / {percentile(embed_ms, 95):6.2f}"
-    )
-    print(
-        f"  exact top-k, 10k x 384 float32:                        "
+        f"  exact top-k, 10k x 384 (in process):        "
         f"{percentile(topk_10k, 50):6.2f} / {percentile(topk_10k, 95):6.2f}"
     )
-    print(
-        f"  exact top-k, 100k x 384 float32:                       "
-        f"{percentile(topk_100k, 50):6.2f} / {percentile(topk_100k, 95):6.2f}"
-    )
+
+
+def search_latency(server: Server, n: int) -> tuple[list[float], list[float]]:
+    texts = synthetic_sentences(10 + n)
+
+    def search(i: int) -> None:
+        body = {"index": "synthetic-10k", "query": texts[i], "top_k": 5}
+        request = urllib.request.Request(
+            server.url + "/v1/search",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            json.loads(response.read())
+
+    def indexes() -> None:
+        with urllib.request.urlopen(server.url + "/v1/indexes", timeout=30) as response:
+            response.read()
+
+    for i in range(10):  # warm-up: load the index and the model's caches
+        search(i)
+    counter = iter(range(10, 10 + n))
+    return timed(lambda: search(next(counter)), n), timed(indexes, n)
 
 
 if __name__ == "__main__":

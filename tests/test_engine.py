@@ -44,7 +44,7 @@ def test_text_stream_cuts_at_a_stop_string_and_counts_tokens(engine: Engine) -> 
 
 
 def test_the_model_has_no_context_of_its_own(engine: Engine) -> None:
-    assert engine.llm is None and engine.generates
+    assert engine.generates and not engine.embedding
     assert engine.has_chat_template and engine.chat_template_source == "gguf"
 
 

@@ -17,14 +17,13 @@ from aiohttp import web
 from pydantic import Field, field_validator
 
 from llmis.api.middleware import read_json
-from llmis.embeddings import embed_on_worker, lease_embedder, truncate_dimensions
+from llmis.embeddings import Embeddings, embed, lease_embedder, truncate_dimensions
 from llmis.protocol import LenientModel, as_batch
 from llmis.state import MANAGER
 
 __all__ = ["MAX_INPUTS", "EmbeddingRequest", "routes"]
 
 MAX_INPUTS = 2048
-CHUNK = 64  # inputs per worker call: a disconnected client stops the rest between chunks
 
 routes = web.RouteTableDef()
 
@@ -82,22 +81,16 @@ def _encode(vector: Any, encoding_format: str) -> list[float] | str:
 @routes.post("/v1/embeddings")
 async def create_embeddings(request: web.Request) -> web.Response:
     req = EmbeddingRequest.model_validate(await read_json(request))
-    async with lease_embedder(request.app[MANAGER], req.model) as (worker, pooling):
-        inputs = req.inputs()
-        data: list[dict[str, Any]] = []
-        tokens = 0
-        for start in range(0, len(inputs), CHUNK):
-            result = await embed_on_worker(worker, inputs[start : start + CHUNK], pooling=pooling)
-            tokens += result.prompt_tokens
-            vectors = truncate_dimensions(result.vectors, req.dimensions)
-            data.extend(
-                {
-                    "object": "embedding",
-                    "index": start + i,
-                    "embedding": _encode(v, req.encoding_format),
-                }
-                for i, v in enumerate(vectors)
-            )
+    async with lease_embedder(request.app[MANAGER], req.model) as (embedder, pooling):
+        # one job: its rows share decodes with every other request's (a disconnected client
+        # cancels the task, which drops the rows not decoded yet)
+        result: Embeddings = await embed(embedder, req.inputs(), pooling=pooling)
+    tokens = result.prompt_tokens
+    vectors = truncate_dimensions(result.vectors, req.dimensions)
+    data = [
+        {"object": "embedding", "index": i, "embedding": _encode(v, req.encoding_format)}
+        for i, v in enumerate(vectors)
+    ]
     return web.json_response(
         {
             "object": "list",

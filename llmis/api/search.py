@@ -16,7 +16,6 @@ from pydantic import Field, field_validator
 
 from llmis.api.middleware import read_json
 from llmis.embeddings import Embeddings, acquire_embedder, embed
-from llmis.engine import Engine
 from llmis.errors import BadRequestError
 from llmis.index import Manifest
 from llmis.protocol import LenientModel
@@ -92,12 +91,11 @@ async def search(request: web.Request) -> web.Response:
             param="index",
             code="index_model_unavailable",
         )
-    worker, pooling = await acquire_embedder(manager, built_with)
-    path = worker.engine.path
+    embedder, pooling = await acquire_embedder(manager, built_with)
+    path = embedder.engine.path
     built = (index.manifest.model_file, index.manifest.model_size, index.manifest.dimensions)
 
-    def embed_and_rank(engine: Engine) -> tuple[Embeddings, list[Hit]]:
-        result = embed(engine, [req.query], pooling=pooling)
+    def rank(result: Embeddings) -> tuple[Embeddings, list[Hit]]:
         if (path.name, path.stat().st_size, result.vectors.shape[1]) != built:
             raise BadRequestError(
                 f"The model '{built_with}' is now served from a different file than the one "
@@ -109,7 +107,8 @@ async def search(request: web.Request) -> web.Response:
             )
         return result, top_k(index, result.vectors[0], req.top_k)
 
-    result, hits = await worker.call(embed_and_rank)  # one hop: embed, then score
+    # one hop: the query joins the model's next embedding batch, then is scored on that thread
+    result, hits = await embed(embedder, [req.query], pooling=pooling, then=rank)
     return web.json_response(
         {
             "object": "list",
