@@ -25,6 +25,7 @@ from aiohttp import web
 from numpy.typing import NDArray
 
 from llmis import __version__
+from llmis import embeddings as embedding
 from llmis.api.middleware import read_json
 from llmis.api.ollama_protocol import (
     OllamaChatRequest,
@@ -39,7 +40,7 @@ from llmis.api.ollama_protocol import (
 from llmis.auth import KEYRING, PermissionDeniedError, is_admin_request
 from llmis.catalog import ModelEntry, ModelState
 from llmis.config import Settings
-from llmis.embeddings import embed_on_worker, lease_embedder, truncate_dimensions
+from llmis.embeddings import Embeddings, lease_embedder, truncate_dimensions
 from llmis.errors import APIError, BadRequestError
 from llmis.families import error_for
 from llmis.jobs import Delta, Failed, Finished
@@ -57,7 +58,6 @@ __all__ = ["OLLAMA_API_VERSION", "NdjsonStream", "routes"]
 OLLAMA_API_VERSION = "0.14.0"
 NDJSON = "application/x-ndjson"
 _FOREVER = dt.datetime(2318, 1, 1, tzinfo=dt.timezone.utc)  # as Ollama shows keep_alive -1
-_CHUNK = 64  # embedding inputs per worker call
 
 routes = web.RouteTableDef()
 logger = logging.getLogger(__name__)
@@ -373,17 +373,13 @@ async def _embed(
     request: web.Request, model: str, inputs: Sequence[str], truncate: bool
 ) -> tuple[str, list[NDArray[np.float32]], int]:
     manager = request.app[MANAGER]
-    vectors: list[NDArray[np.float32]] = []
-    tokens = 0
-    async with lease_embedder(manager, model) as (worker, pooling):
-        for start in range(0, len(inputs), _CHUNK):
-            result = await embed_on_worker(
-                worker, list(inputs[start : start + _CHUNK]), pooling=pooling, truncate=truncate
-            )
-            tokens += result.prompt_tokens
-            vectors.append(result.vectors)
-        name = worker.name
-    return name, vectors, tokens
+    async with lease_embedder(manager, model) as (embedder, pooling):
+        # the model's embedding scheduler batches the inputs (and other requests') itself
+        result: Embeddings = await embedding.embed(
+            embedder, list(inputs), pooling=pooling, truncate=truncate
+        )
+        name = embedder.name
+    return name, [result.vectors], result.prompt_tokens
 
 
 @routes.post("/api/embed")
