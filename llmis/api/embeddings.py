@@ -19,6 +19,7 @@ from pydantic import Field, field_validator
 from llmis.api.middleware import read_json
 from llmis.embeddings import embed_on_worker, lease_embedder, truncate_dimensions
 from llmis.protocol import LenientModel, as_batch
+from llmis.request_context import name_model
 from llmis.state import MANAGER
 
 __all__ = ["MAX_INPUTS", "EmbeddingRequest", "routes"]
@@ -83,6 +84,7 @@ def _encode(vector: Any, encoding_format: str) -> list[float] | str:
 async def create_embeddings(request: web.Request) -> web.Response:
     req = EmbeddingRequest.model_validate(await read_json(request))
     async with lease_embedder(request.app[MANAGER], req.model) as (worker, pooling):
+        name_model(req.model)
         inputs = req.inputs()
         data: list[dict[str, Any]] = []
         tokens = 0
@@ -98,6 +100,7 @@ async def create_embeddings(request: web.Request) -> web.Response:
                 }
                 for i, v in enumerate(vectors)
             )
+    name_model(req.model, tokens)
     return web.json_response(
         {
             "object": "list",

@@ -20,6 +20,7 @@ from llmis.engine import Engine
 from llmis.errors import BadRequestError
 from llmis.index import Manifest
 from llmis.protocol import LenientModel
+from llmis.request_context import name_model
 from llmis.search import Hit, IndexCache, top_k
 from llmis.state import INDEXES, MANAGER, SETTINGS
 
@@ -93,6 +94,7 @@ async def search(request: web.Request) -> web.Response:
             code="index_model_unavailable",
         )
     worker, pooling = await acquire_embedder(manager, built_with)
+    name_model(built_with)
     path = worker.engine.path
     built = (index.manifest.model_file, index.manifest.model_size, index.manifest.dimensions)
 
@@ -110,6 +112,7 @@ async def search(request: web.Request) -> web.Response:
         return result, top_k(index, result.vectors[0], req.top_k)
 
     result, hits = await worker.call(embed_and_rank)  # one hop: embed, then score
+    name_model(built_with, result.prompt_tokens)
     return web.json_response(
         {
             "object": "list",

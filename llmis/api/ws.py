@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationErro
 from llmis.api.middleware import parse_json, validation_error
 from llmis.errors import APIError, BadRequestError
 from llmis.jobs import Delta, Failed, Finished
+from llmis.logs import finish_request
 from llmis.protocol import ChatCompletionRequest, compile_grammar, usage
 from llmis.ratelimit import RateLimitError
 from llmis.request_context import current_request, new_request_id, request_scope
@@ -176,9 +177,23 @@ class _Session:
         if socket is None:
             await self._chat(id_, request, trim)
             return
-        ctx = dataclasses.replace(socket, id=new_request_id(), started=time.monotonic())
+        ctx = dataclasses.replace(
+            socket,
+            id=new_request_id(),
+            started=time.monotonic(),
+            method="WS",
+            model=None,
+            prompt_tokens=0,
+            completion_tokens=0,
+            ttft=None,
+            finish_reason=None,
+        )
+        status = 499  # the socket closed first
         with request_scope(ctx):
-            await self._chat(id_, request, trim)
+            try:
+                status = await self._chat(id_, request, trim)
+            finally:
+                finish_request(ctx, "/v1/ws", status)  # one access-log line per chat
 
     def _release(self, id_: ChatId) -> None:
         """Free ``id_`` for reuse: called by its own task just before its last event."""
@@ -194,8 +209,10 @@ class _Session:
         self._release(id_)
         await self.error(id_, exc)
 
-    async def _chat(self, id_: ChatId, request: ChatCompletionRequest, trim: bool) -> None:
+    async def _chat(self, id_: ChatId, request: ChatCompletionRequest, trim: bool) -> int:
+        """Run one chat; return its status for the access log (200, an error's, 499)."""
         generation: Generation | None = None
+        status = 200
         try:
             await compile_grammar(request)
             if trim:
@@ -216,18 +233,22 @@ class _Session:
                         done["trimmed"] = trimmed
                     await self._end(id_, done)
                 elif isinstance(event, Failed):
+                    status = event.error.status
                     await self._fail(id_, event.error)
         except APIError as exc:
+            status = exc.status
             await self._fail(id_, exc)
         except asyncio.CancelledError:
             chat = self.chats.get(id_)
             if chat is None or not chat.cancelled:
                 raise  # the socket closed: nobody to tell
+            status = 499
             await self._end(
                 id_, {"type": "done", "id": id_, "finish_reason": "cancelled", "usage": None}
             )
         except Exception:
             logger.exception("websocket chat %r failed", id_)
+            status = 500
             await self._fail(
                 id_, APIError("The server had an error while processing your request.")
             )
@@ -235,6 +256,7 @@ class _Session:
             if generation is not None:
                 generation.cancel()
             self._release(id_)
+        return status
 
     async def close(self) -> None:
         """Cancel every job of this socket and wait for their tasks to end."""
