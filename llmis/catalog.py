@@ -89,6 +89,14 @@ class ModelEntry:
             return self.worker.engine.n_ctx
         return self.n_ctx or self.settings.n_ctx
 
+    @property
+    def embedding_only(self) -> bool:
+        """An embedding model (configured ``embedding = true``, or a GGUF that only embeds):
+        the chat page leaves it out of its picker."""
+        if self.worker is not None and not self.worker.engine.generates:
+            return True
+        return self.settings.embedding
+
     def metadata(self) -> dict[str, Any]:
         """GGUF facts for listings (empty before the file was read)."""
         info = self.info
@@ -113,6 +121,7 @@ class ModelEntry:
             "created": self.created,
             "owned_by": "llmis",
             "state": self.state.value,
+            "embedding": self.embedding_only,
             **self.metadata(),
         }
         if id_ is not None and id_ != self.name:

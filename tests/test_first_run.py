@@ -288,3 +288,35 @@ def test_embeddings_and_search_requests_carry_their_model_name(
     status, _ = post_json(search_server, "/v1/search", {"index": "topics", "query": "bread"})
     assert status == 200
     assert (count("/v1/embeddings"), count("/v1/search")) == (before[0] + 1, before[1] + 1)
+
+
+# ----- a browser's API key on the WebSocket: a subprotocol, never the URL -----
+
+
+async def test_websocket_key_as_a_subprotocol(ops_server: RunningServer) -> None:
+    import base64
+
+    def offer(key: str) -> tuple[str, str]:
+        encoded = base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+        return ("llmis.v1", f"llmis.bearer.{encoded}")
+
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(
+            f"{ops_server.url}/v1/ws", protocols=offer(OPS_USER_KEY)
+        ) as ws:
+            assert ws.protocol == "llmis.v1"  # the browser requires one offered protocol back
+            await ws.send_json({"type": "ping", "id": 1})
+            assert (await ws.receive_json(timeout=30))["type"] == "pong"
+        for protocols in (offer("wrong-key"), ("llmis.v1",), ("llmis.bearer.!!",)):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as failed:
+                await session.ws_connect(f"{ops_server.url}/v1/ws", protocols=protocols)
+            assert failed.value.status == 401
+        # the page and its assets are open (they hold no data); the API is not
+        async with session.get(f"{ops_server.url}/") as page:
+            assert page.status == 200
+            assert 'data-auth-required="true"' in await page.text()
+            assert "<option" not in await page.text()
+        async with session.get(f"{ops_server.url}/static/chat.js") as asset:
+            assert asset.status == 200
+        async with session.get(f"{ops_server.url}/v1/models") as models:
+            assert models.status == 401

@@ -29,6 +29,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
 
 from llmis.api.middleware import parse_json, validation_error
+from llmis.auth import WS_PROTOCOL
 from llmis.errors import APIError, BadRequestError
 from llmis.jobs import Delta, Failed, Finished
 from llmis.logs import finish_request
@@ -270,6 +271,7 @@ class _Session:
 async def chat_socket(request: web.Request) -> web.WebSocketResponse:
     server = request.app[SETTINGS].server
     ws = web.WebSocketResponse(
+        protocols=(WS_PROTOCOL,),  # answered when a browser offered it (with its key)
         heartbeat=heartbeat_seconds(server.keepalive_seconds),
         max_msg_size=server.max_body_bytes,
     )
