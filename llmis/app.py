@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from llmis import presets
 from llmis.api import admin, embeddings, health, openai, openapi, pages, search, ws
 from llmis.api.middleware import error_middleware
 from llmis.config import Settings
@@ -26,6 +27,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[MANAGER] = manager
     ops.setup(app)
+    presets.setup(app, settings)
 
     async def models_ctx(app: web.Application) -> AsyncIterator[None]:
         await app[MANAGER].start()

@@ -155,6 +155,13 @@ class ResponseFormat(_Lenient):
             self._schema_text = text
         return self
 
+    @classmethod
+    def from_grammar(cls, grammar: str) -> ResponseFormat:
+        """A format whose output follows the GBNF ``grammar`` (server-made, e.g. a preset's)."""
+        made = cls(type="text")
+        made._grammar, made._compiled = grammar, True
+        return made
+
     def compile(self) -> str | None:
         """The GBNF grammar for this format (blocking: run it in a thread). Idempotent."""
         with self._lock:

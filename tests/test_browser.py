@@ -647,3 +647,18 @@ def test_docs_screenshot(open_page: Callable[..., Page]) -> None:
     send(page, "Give me two tips for clean code, as a list.")
     wait_all_done(page)
     page.screenshot(path=str(REPO / "docs" / "chat.png"))
+
+
+def test_presets_are_in_the_picker_and_answer(open_page: Callable[..., Page]) -> None:
+    page = open_page()
+    group = page.locator("#model optgroup[label=Presets] option")
+    values = group.evaluate_all("options => options.map(o => o.value)")
+    assert {"summarize", "classify", "answer", "extract"} <= set(values)
+    page.select_option("#model", "summarize")
+    page.fill("#max_tokens", "6")
+    send(page, "The lighthouse keeper counted the ships every night and wrote them down.")
+    wait_all_done(page)
+    reply = page.locator("#log .reply").last
+    assert reply.get_attribute("data-model") == "summarize"
+    assert reply.get_attribute("data-status") in ("stop", "length")
+    assert (reply.locator(".content").text_content() or "").strip()

@@ -39,6 +39,7 @@ from llmis.request_context import current_request, new_request_id, request_scope
 from llmis.serving import Generation, start_chat
 from llmis.sse import within
 from llmis.state import MANAGER, OVERSIGHT, SETTINGS
+from llmis.tasks import TaskPlan, plan_chat
 from llmis.trimming import start_trimmed_chat
 
 __all__ = ["SOCKETS", "heartbeat_seconds", "routes", "setup"]
@@ -79,6 +80,7 @@ class _Session:
     """The jobs of one socket, keyed by the client's ids."""
 
     def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
+        self.app = request.app
         self.manager = request.app[MANAGER]
         self.oversight = request.app.get(OVERSIGHT)
         self.ws = ws
@@ -148,7 +150,7 @@ class _Session:
                     code="duplicate_id",
                 )
             body = {k: v for k, v in data.items() if k not in _ENVELOPE_KEYS}
-            request = ChatCompletionRequest.model_validate(body)
+            request, plan = await plan_chat(self.app, body)
             self.admit()
         except ValidationError as exc:
             await self.error(id_, validation_error(exc))
@@ -157,7 +159,7 @@ class _Session:
             await self.error(id_, exc)
             return
         task = asyncio.get_running_loop().create_task(
-            self._scoped_chat(envelope.id, request, envelope.trim)
+            self._scoped_chat(envelope.id, request, envelope.trim, plan)
         )
         self.chats[envelope.id] = _Chat(task)
 
@@ -172,11 +174,13 @@ class _Session:
         chat.cancelled = True
         chat.task.cancel()
 
-    async def _scoped_chat(self, id_: ChatId, request: ChatCompletionRequest, trim: bool) -> None:
+    async def _scoped_chat(
+        self, id_: ChatId, request: ChatCompletionRequest, trim: bool, plan: TaskPlan | None
+    ) -> None:
         """Run one chat as its own request: its own id, and timeouts counted from now."""
         socket = current_request()
         if socket is None:
-            await self._chat(id_, request, trim)
+            await self._chat(id_, request, trim, plan)
             return
         ctx = dataclasses.replace(
             socket,
@@ -192,7 +196,7 @@ class _Session:
         status = 499  # the socket closed first
         with request_scope(ctx):
             try:
-                status = await self._chat(id_, request, trim)
+                status = await self._chat(id_, request, trim, plan)
             finally:
                 finish_request(ctx, "/v1/ws", status)  # one access-log line per chat
 
@@ -210,7 +214,9 @@ class _Session:
         self._release(id_)
         await self.error(id_, exc)
 
-    async def _chat(self, id_: ChatId, request: ChatCompletionRequest, trim: bool) -> int:
+    async def _chat(
+        self, id_: ChatId, request: ChatCompletionRequest, trim: bool, plan: TaskPlan | None
+    ) -> int:
         """Run one chat; return its status for the access log (200, an error's, 499)."""
         generation: Generation | None = None
         status = 200
@@ -220,8 +226,10 @@ class _Session:
                 generation, trimmed = await start_trimmed_chat(self.manager, request)
             else:
                 generation, trimmed = await start_chat(self.manager, request), 0
+            parts: list[str] = []
             async for event in generation.events(generation.jobs[0]):
                 if isinstance(event, Delta):
+                    parts.append(event.text)
                     await self.send({"type": "delta", "id": id_, "content": event.text})
                 elif isinstance(event, Finished):
                     done: dict[str, Any] = {
@@ -232,6 +240,9 @@ class _Session:
                     }
                     if trimmed:
                         done["trimmed"] = trimmed
+                    if plan is not None:
+                        done["model"] = plan.model_id
+                        done.update(await plan.result("".join(parts)))
                     await self._end(id_, done)
                 elif isinstance(event, Failed):
                     status = event.error.status
