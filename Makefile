@@ -72,6 +72,7 @@ bench: $(VENV)/.installed $(MINILM)
 	$(BIN)/python -m scripts.bench_embeddings
 	$(BIN)/python -m scripts.bench_batching
 	$(BIN)/python -m scripts.bench_models
+	$(BIN)/python -m scripts.bench_chunking
 
 # llmis vs llama-server vs llama-cpp-python's server, concurrent streams (builds llama-server
 # once into ~/.cache/llmis/llama-server/)

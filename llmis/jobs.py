@@ -43,6 +43,7 @@ class Started:
 @dataclass(frozen=True)
 class Delta:
     text: str
+    completion_tokens: int = 0  # tokens generated so far, this text included (0: not known)
 
 
 @dataclass(frozen=True)

@@ -199,6 +199,9 @@ class ResponseFormat(_Lenient):
 
 class StreamOptions(_Lenient):
     include_usage: bool = False
+    # llmis: tokens per stream event, and coalescing of events closer than this (llmis.chunking)
+    chunk_tokens: int | None = Field(default=None, ge=1, le=4096)
+    min_interval_ms: float | None = Field(default=None, ge=0.0, le=60_000.0)
 
 
 MAX_TOKENS = 1_048_576  # the largest n_ctx a model can be configured with

@@ -480,7 +480,7 @@ class Scheduler:
             slot.logits_at = -1
             step = out.push(token)
             if step is not None and step.text:
-                outbox.append((job, Delta(step.text)))
+                outbox.append((job, Delta(step.text, step.completion_tokens)))
             if step is not None and step.finish_reason is not None:
                 n_prompt, n_out = len(job.prompt), step.completion_tokens
                 outbox.append((job, Finished(step.finish_reason, n_prompt, n_out, slot.cached)))

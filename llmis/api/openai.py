@@ -7,6 +7,7 @@ import dataclasses
 from aiohttp import web
 
 from llmis.api.middleware import read_json
+from llmis.chunking import coalesce, pacing
 from llmis.errors import ModelNotFoundError
 from llmis.jobs import Delta, Failed, Finished
 from llmis.presets import PRESETS
@@ -123,7 +124,8 @@ async def _stream_chat(
         first = chat_chunk(id_, model, created, {"role": "assistant", "content": ""}, None, usage)
         await sse.send({**first, **plan.first()} if plan is not None else first)
         parts: list[str] = []
-        async for event in generation.events(generation.jobs[0], keepalive):
+        pace = pacing(request.app[SETTINGS].streaming, req.stream_options)
+        async for event in coalesce(generation.events(generation.jobs[0], keepalive), pace):
             if event is None:
                 await sse.ping()
             elif isinstance(event, Delta):
@@ -169,7 +171,8 @@ async def _stream_completion(
     try:
         await sse.prepare()
         for index, job in enumerate(generation.jobs):
-            async for event in generation.events(job, keepalive):
+            pace = pacing(request.app[SETTINGS].streaming, req.stream_options)
+            async for event in coalesce(generation.events(job, keepalive), pace):
                 if event is None:
                     await sse.ping()
                 elif isinstance(event, Delta):

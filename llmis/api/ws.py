@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationErro
 
 from llmis.api.middleware import parse_json, validation_error
 from llmis.auth import WS_PROTOCOL
+from llmis.chunking import coalesce, pacing
 from llmis.errors import APIError, BadRequestError
 from llmis.jobs import Delta, Failed, Finished
 from llmis.logs import finish_request
@@ -87,6 +88,7 @@ class _Session:
         self.transport = request.transport
         self.chats: dict[ChatId, _Chat] = {}
         self.write_timeout = request.app[SETTINGS].server.write_timeout_seconds
+        self.streaming = request.app[SETTINGS].streaming
         ctx = current_request()
         # The client as the rate-limit middleware knew it when the socket was opened.
         self.rate_key = ctx.rate_key if ctx is not None and ctx.rate_key else None
@@ -227,7 +229,8 @@ class _Session:
             else:
                 generation, trimmed = await start_chat(self.manager, request), 0
             parts: list[str] = []
-            async for event in generation.events(generation.jobs[0]):
+            pace = pacing(self.streaming, request.stream_options)
+            async for event in coalesce(generation.events(generation.jobs[0]), pace):
                 if isinstance(event, Delta):
                     parts.append(event.text)
                     await self.send({"type": "delta", "id": id_, "content": event.text})
