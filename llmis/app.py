@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from llmis import presets
 from llmis.api import (
     admin,
     anthropic,
@@ -39,6 +40,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[MANAGER] = manager
     ops.setup(app)
+    presets.setup(app, settings)
 
     async def models_ctx(app: web.Application) -> AsyncIterator[None]:
         await app[MANAGER].start()

@@ -11,6 +11,7 @@ every configured key) and never logged: a client is known by a short digest, its
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import ipaddress
@@ -27,6 +28,8 @@ from llmis.errors import APIError
 __all__ = [
     "KEYRING",
     "KEY_ID",
+    "WS_BEARER_PREFIX",
+    "WS_PROTOCOL",
     "AuthenticationError",
     "KeyRing",
     "PermissionDeniedError",
@@ -107,13 +110,34 @@ class KeyRing:
 KEYRING = web.AppKey("keyring", KeyRing)
 
 
+WS_PROTOCOL = "llmis.v1"  # the WebSocket subprotocol /v1/ws answers with
+WS_BEARER_PREFIX = "llmis.bearer."  # + base64url(key): a browser's key, offered as a protocol
+
+
+def _protocol_key(request: web.Request) -> str | None:
+    """A key offered in ``Sec-WebSocket-Protocol`` as ``llmis.bearer.<base64url>``: browsers
+    cannot set ``Authorization`` on a WebSocket, and a key in the URL would end up in logs."""
+    if request.headers.get("Upgrade", "").lower() != "websocket":
+        return None
+    for offered in request.headers.get("Sec-WebSocket-Protocol", "").split(","):
+        offered = offered.strip()
+        if offered.startswith(WS_BEARER_PREFIX):
+            encoded = offered[len(WS_BEARER_PREFIX) :]
+            try:
+                key = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+            except (ValueError, UnicodeDecodeError):
+                return None
+            return key.strip() or None
+    return None
+
+
 def _bearer(request: web.Request) -> str | None:
     """The key sent as ``Authorization: Bearer <key>``, or as ``x-api-key`` (Anthropic's)."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     token = token.strip()
     if scheme.lower() == "bearer" and token:
         return token
-    return request.headers.get("x-api-key", "").strip() or None
+    return request.headers.get("x-api-key", "").strip() or _protocol_key(request)
 
 
 def is_admin_request(ring: KeyRing, request: web.Request) -> bool:
@@ -126,6 +150,9 @@ def is_admin_request(ring: KeyRing, request: web.Request) -> bool:
             return False
     key = _bearer(request)
     return key is not None and ring.role(key) is Role.ADMIN
+
+
+PAGE_PATHS = frozenset({"/"})  # the chat page and its assets hold no data: always open
 
 
 def is_admin_path(path: str) -> bool:
@@ -142,6 +169,8 @@ def auth_middleware(ring: KeyRing, open_paths: Iterable[str]) -> Middleware:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
         if not ring.enabled or path in exact or (prefixes and path.startswith(prefixes)):
+            return await handler(request)
+        if path in PAGE_PATHS or path.startswith("/static/"):  # the chat page asks for a key
             return await handler(request)
         key = _bearer(request)
         if key is None:

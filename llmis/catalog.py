@@ -40,6 +40,7 @@ class ModelEntry:
     last_used: float | None = None
     path: Path | None = None
     info: GGUFInfo | None = None
+    n_ctx: int | None = None  # the context a load uses (a dropped-in file's is worked out)
     predicted_bytes: int | None = None
     measured_bytes: int | None = None
     load_seconds: float | None = None
@@ -91,6 +92,21 @@ class ModelEntry:
         """The memory it holds (or will hold): measured when known, else predicted."""
         return self.measured_bytes or self.predicted_bytes or 0
 
+    @property
+    def served_n_ctx(self) -> int:
+        """The context a request can use: the loaded engine's, else what a load will use."""
+        if self.worker is not None:
+            return self.worker.engine.n_ctx
+        return self.n_ctx or self.settings.n_ctx
+
+    @property
+    def embedding_only(self) -> bool:
+        """An embedding model (configured ``embedding = true``, or a GGUF that only embeds):
+        the chat page leaves it out of its picker."""
+        if self.worker is not None and not self.worker.engine.generates:
+            return True
+        return self.settings.embedding
+
     def metadata(self) -> dict[str, Any]:
         """GGUF facts for listings (empty before the file was read)."""
         info = self.info
@@ -100,7 +116,8 @@ class ModelEntry:
             "architecture": info.architecture,
             "parameters": info.parameters,
             "quantization": info.quant,
-            "context_length": info.context_length,
+            "context_length": self.served_n_ctx,
+            "n_ctx_train": info.context_length,
             "has_chat_template": info.has_chat_template,
             "chat_format": self.settings.chat_format,
             "file_size": info.file_size,
@@ -114,6 +131,7 @@ class ModelEntry:
             "created": self.created,
             "owned_by": "llmis",
             "state": self.state.value,
+            "embedding": self.embedding_only,
             **self.metadata(),
         }
         if id_ is not None and id_ != self.name:

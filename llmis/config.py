@@ -44,8 +44,12 @@ __all__ = [
     "LimitSettings",
     "LoggingSettings",
     "ModelSettings",
+    "PresetSettings",
     "ServerSettings",
     "Settings",
+    "StreamingSettings",
+    "default_config_candidates",
+    "find_default_config",
     "load_settings",
 ]
 
@@ -247,6 +251,50 @@ class LoggingSettings(_Strict):
     access_log: bool = True
 
 
+PresetTask = Literal["chat", "summarize", "classify", "answer", "extract"]
+
+
+class PresetSettings(_Strict):
+    """A task preset (``[[presets]]``), addressable as a model id: ``name`` or
+    ``name@model``. Its sampling values are defaults a request's own values override."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$")
+    task: PresetTask = Field(
+        default="chat", description="chat = a plain system prompt + sampling preset"
+    )
+    description: str = ""
+    model: str | None = Field(default=None, description="default model (else the first one)")
+    system: str | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repeat_penalty: float | None = Field(default=None, ge=0.01, le=100.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    output_schema: dict[str, Any] | None = Field(
+        default=None, alias="schema", description="JSON schema the output must follow"
+    )
+    # task options (a request may override them)
+    labels: tuple[str, ...] = Field(default=(), description="classify: the labels")
+    multi_label: bool = False
+    length: int | None = Field(default=None, ge=1, description="summarize: at most N tokens")
+    index: str | None = Field(default=None, description="answer: the llmis index to search")
+    rows: int = Field(default=3, ge=1, le=20, description="answer: index rows retrieved")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class StreamingSettings(_Strict):
+    """Defaults of ``stream_options.chunk_tokens`` / ``min_interval_ms`` for every stream."""
+
+    chunk_tokens: int = Field(default=1, ge=1, le=4096, description="tokens per stream event")
+    min_interval_ms: float = Field(
+        default=0.0, ge=0.0, le=60_000.0, description="coalesce deltas arriving faster"
+    )
+
+
 class Settings(_Strict):
     server: ServerSettings = ServerSettings()
     models: tuple[ModelSettings, ...] = ()
@@ -258,6 +306,8 @@ class Settings(_Strict):
     filter: FilterSettings = FilterSettings()
     cors: CorsSettings = CorsSettings()
     logging: LoggingSettings = LoggingSettings()
+    presets: tuple[PresetSettings, ...] = ()
+    streaming: StreamingSettings = StreamingSettings()
     source: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
@@ -272,6 +322,13 @@ class Settings(_Strict):
                 raise ValueError(f"alias {alias!r} is also a model name")
             if not _NAME.fullmatch(alias) or not _NAME.fullmatch(target):
                 raise ValueError(f"alias {alias!r} = {target!r}: bad characters in a model name")
+        presets: set[str] = set()
+        for preset in self.presets:
+            if preset.name in presets:
+                raise ValueError(f"preset name {preset.name!r} is used twice")
+            if preset.name in seen or preset.name in self.aliases:
+                raise ValueError(f"preset {preset.name!r} is also a model or alias name")
+            presets.add(preset.name)
         return self
 
     def model(self, name: str) -> ModelSettings | None:
@@ -289,11 +346,42 @@ def _describe(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def default_config_candidates() -> list[Path]:
+    """Where ``llmis`` looks for a config when none is given: ``config/llmis.toml`` in the
+    current directory, then next to the package checkout (``<repo>/config/llmis.toml``)."""
+    checkout = Path(__file__).resolve().parent.parent / DEFAULT_CONFIG
+    candidates = [DEFAULT_CONFIG]
+    if checkout.resolve() != DEFAULT_CONFIG.resolve():
+        candidates.append(checkout)
+    return candidates
+
+
+def find_default_config() -> Path | None:
+    """The first of :func:`default_config_candidates` that exists, else None."""
+    return next((p for p in default_config_candidates() if p.is_file()), None)
+
+
+def _relative_to(base: Path, data: dict[str, Any]) -> None:
+    """Resolve the file's relative ``[server]`` directories against ``base`` (in place)."""
+    server = data.get("server")
+    if not isinstance(server, dict):
+        return
+    for key in _CONFIG_RELATIVE:
+        value = server.get(key)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            server[key] = str(base / value)
+
+
+_CONFIG_RELATIVE = ("models_dir", "indexes_dir")
+
+
 def load_settings(path: Path | None = None, **server_overrides: Any) -> Settings:
     """Read ``path`` (TOML), apply non-None ``server_overrides`` and validate.
 
-    Relative ``models_dir`` and model ``path`` values are kept as written; they are
-    resolved against the current directory when used.
+    Relative ``[server] models_dir`` / ``indexes_dir`` in the file are resolved against the
+    file's directory, so a config works from any current directory (a model ``path`` is
+    inside ``models_dir``). Overrides (command-line flags) are taken as given, relative to
+    the current directory. Without a file, the defaults are relative to the current directory.
     """
     data: dict[str, Any] = {}
     if path is not None:
@@ -304,6 +392,7 @@ def load_settings(path: Path | None = None, **server_overrides: Any) -> Settings
             raise ConfigError(f"{path}: config file not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        _relative_to(path.resolve().parent, data)
     server = dict(data.get("server", {})) if isinstance(data.get("server"), dict) else None
     if server is not None:
         server.update({k: v for k, v in server_overrides.items() if v is not None})

@@ -525,6 +525,79 @@ class Engine:
         )
         return GenerationContext(ctx, n_seq, n_ctx_seq, self.n_batch, kv_bytes, flash)
 
+    def score_continuations(
+        self, prompt: Sequence[int], continuations: Sequence[Sequence[int]]
+    ) -> list[float]:
+        """The log-probability of each continuation's tokens right after ``prompt`` (the sum
+        of each token's log-softmax), from the model's logits. Blocking; it makes a small
+        context of its own, so it runs on any thread that holds the model."""
+        if not prompt or not continuations or any(not c for c in continuations):
+            raise BadRequestError("nothing to score", param="labels")
+        longest = max(len(c) for c in continuations)
+        if len(prompt) + longest >= self.n_ctx:
+            raise ContextOverflowError(
+                f"This model's maximum context length is {self.n_ctx} tokens; the prompt "
+                f"({len(prompt)}) and a label ({longest}) do not fit.",
+                param="messages",
+            )
+        with self.use():
+            params = llama_cpp.llama_context_default_params()
+            params.n_ctx = len(prompt) + longest + 1
+            params.n_batch = params.n_ubatch = self.n_batch
+            params.n_seq_max = 1
+            params.n_threads = params.n_threads_batch = self.threads
+            params.flash_attn_type = _FLASH_ATTN_TYPE["off"]
+            params.embeddings = False
+            params.no_perf = True
+            ctx = llama_cpp.llama_init_from_model(self.model.model, params)
+            if not ctx:
+                raise APIError("could not create a context to score labels")
+            batch: Any = llama_cpp.llama_batch_init(max(self.n_batch, longest), 0, 1)
+            try:
+                return self._score(ctx, batch, prompt, continuations)
+            finally:
+                llama_cpp.llama_batch_free(batch)
+                llama_cpp.llama_free(ctx)
+
+    def _score(
+        self,
+        ctx: llama_cpp.llama_context_p,
+        batch: Any,  # a llama_batch (its ctypes fields are loosely typed)
+        prompt: Sequence[int],
+        continuations: Sequence[Sequence[int]],
+    ) -> list[float]:
+        def decode(tokens: Sequence[int], start: int, all_logits: bool) -> None:
+            for i, token in enumerate(tokens):
+                batch.token[i] = token
+                batch.pos[i] = start + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = all_logits or i == len(tokens) - 1
+            batch.n_tokens = len(tokens)
+            if llama_cpp.llama_decode(ctx, batch) != 0:
+                raise APIError("the model failed to evaluate the labels")
+
+        def log_softmax(index: int) -> np.ndarray[Any, Any]:
+            raw = llama_cpp.llama_get_logits_ith(ctx, index)
+            logits = np.ctypeslib.as_array(raw, shape=(self.n_vocab,)).astype(np.float64)
+            shifted = logits - logits.max()
+            return shifted - np.log(np.exp(shifted).sum())  # type: ignore[no-any-return]
+
+        for start in range(0, len(prompt), self.n_batch):
+            decode(prompt[start : start + self.n_batch], start, False)
+        first = log_softmax(-1)
+        mem = llama_cpp.llama_get_memory(ctx)
+        scores = []
+        for tokens in continuations:
+            total = float(first[tokens[0]])
+            if len(tokens) > 1:
+                llama_cpp.llama_memory_seq_rm(mem, 0, len(prompt), -1)
+                decode(tokens[:-1], len(prompt), True)
+                for i, token in enumerate(tokens[1:]):
+                    total += float(log_softmax(i)[token])
+            scores.append(total)
+        return scores
+
     def close(self, timeout: float = 30.0) -> bool:
         """Free the model once no thread uses it; ``False`` (leaked) if one still did."""
         with self._users_cond:

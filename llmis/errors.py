@@ -61,8 +61,16 @@ class APIError(Exception):
             self.status = status
         self.headers = headers or {}
 
+    @property
+    def error_type(self) -> str:
+        """OpenAI's ``type``: a 4xx raised as a plain ``APIError`` (a 409 conflict, a 404)
+        is the client's ``invalid_request_error``, never a ``server_error``."""
+        if self.type == "server_error" and 400 <= self.status < 500:
+            return "invalid_request_error"
+        return self.type
+
     def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code)
+        return error_body(self.message, self.error_type, self.param, self.code)
 
 
 class BadRequestError(APIError):

@@ -46,6 +46,7 @@ class Delta:
     text: str
     # the tokens behind ``text`` when the job asked for logprobs (Job.logprobs)
     logprobs: tuple[TokenLogprob, ...] = ()
+    completion_tokens: int = 0  # tokens generated so far, this text included (0: not known)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ __all__ = [
     "RequestIdFilter",
     "TextFormatter",
     "echo_request_id",
+    "finish_request",
     "request_middleware",
     "setup_logging",
 ]
@@ -148,6 +149,17 @@ def _access(ctx: RequestContext, status: int) -> None:
     access_logger.info("%s %s %s", ctx.method, ctx.path, text, extra=fields)
 
 
+def finish_request(ctx: RequestContext, endpoint: str, status: int) -> None:
+    """Count a finished request in ``llmis:requests_total`` and write its access-log line
+    (a WebSocket chat is one request of its own, on the socket's endpoint)."""
+    oversight = ctx.oversight
+    if oversight is None:
+        return
+    oversight.metrics.count_request(endpoint, ctx.model, status, api_family(ctx.path))
+    if oversight.settings.logging.access_log:
+        _access(ctx, status)
+
+
 @web.middleware
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Outermost middleware: request id, current-request scope, access log, request counter."""
@@ -173,12 +185,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             status = 499  # the client went away first (nginx's convention)
             raise
         finally:
-            if oversight is not None:
-                oversight.metrics.count_request(
-                    _endpoint(request), ctx.model, status, api_family(request.path)
-                )
-                if oversight.settings.logging.access_log:
-                    _access(ctx, status)
+            finish_request(ctx, _endpoint(request), status)
 
 
 async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:

@@ -22,7 +22,9 @@ import psutil
 from llmis.gguf_info import GGUFInfo
 
 __all__ = [
+    "MIN_DEFAULT_CTX",
     "MemoryPrediction",
+    "fitting_context",
     "parse_budget",
     "predict_memory",
     "process_rss",
@@ -114,6 +116,22 @@ def predict_memory(info: GGUFInfo, n_ctx: int, n_batch: int, slots: int = 1) -> 
     overhead += _PER_VOCAB * n_vocab
     cells = -(-n_ctx // _KV_PAD) * _KV_PAD * slots
     return MemoryPrediction(info.file_size, info.kv_cache_bytes(cells), overhead)
+
+
+MIN_DEFAULT_CTX = 512  # a context default never goes below this (unless trained shorter)
+
+
+def fitting_context(info: GGUFInfo, n_batch: int, slots: int, budget: int) -> tuple[int, int]:
+    """The default context of a model that names none: its trained length, halved while the
+    predicted memory of ``slots`` streams exceeds ``budget``. Returns ``(n_ctx, trained)``."""
+    trained = info.context_length or 0
+    if trained <= 0:
+        return MIN_DEFAULT_CTX, 0
+    n_ctx = trained
+    floor = min(trained, MIN_DEFAULT_CTX)
+    while n_ctx > floor and predict_memory(info, n_ctx, n_batch, slots).total > budget:
+        n_ctx = max(floor, n_ctx // 2)
+    return n_ctx, trained
 
 
 def process_rss() -> int:

@@ -40,6 +40,7 @@ from llmis.errors import (
 )
 from llmis.gguf_info import GGUFInfo, GGUFInfoCache
 from llmis.memory import (
+    fitting_context,
     predict_memory,
     process_rss,
     release_free_heap,
@@ -180,6 +181,7 @@ class ModelManager:
                 path = await loop.run_in_executor(None, self.resolve_path, entry.settings)
                 entry.info = await loop.run_in_executor(None, self._infos.get, path)
                 entry.path = path
+                self._effective_settings(entry, entry.info, log=False)
             except APIError as exc:
                 entry.error = exc.message
 
@@ -322,12 +324,34 @@ class ModelManager:
         )
         return worker
 
-    def _effective_settings(self, entry: ModelEntry, info: GGUFInfo) -> ModelSettings:
-        """A models-dir file gets its own context length when that is below the default."""
+    def _effective_settings(
+        self, entry: ModelEntry, info: GGUFInfo, *, log: bool = True
+    ) -> ModelSettings:
+        """The settings a load uses. A file dropped in the models dir names no context: it
+        gets its trained context, halved while it would not fit the RAM budget (logged)."""
         model = entry.settings
-        if entry.source == "models_dir" and info.context_length:
-            return model.model_copy(update={"n_ctx": min(model.n_ctx, info.context_length)})
-        return model
+        if entry.source != "models_dir" or "n_ctx" in model.model_fields_set:
+            entry.n_ctx = model.n_ctx
+            return model
+        n_ctx, trained = fitting_context(info, model.n_batch, model.n_slots, self.budget)
+        entry.n_ctx = n_ctx
+        if log:
+            why = (
+                "its trained context"
+                if n_ctx == trained
+                else f"its trained context {trained} halved to fit the RAM budget "
+                f"({_mib(self.budget)}, {model.n_slots} slots)"
+                if trained
+                else "its GGUF names no trained context"
+            )
+            logger.info(
+                "model %s (dropped in the models dir) gets n_ctx %d: %s; give it a "
+                "[[models]] entry with n_ctx to choose another",
+                entry.name,
+                n_ctx,
+                why,
+            )
+        return model.model_copy(update={"n_ctx": n_ctx})
 
     # ----- memory -----
 

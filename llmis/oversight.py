@@ -257,7 +257,9 @@ class _Watch:
         if self.scanner is None:
             return [event]
         text = self.scanner.feed(event.text)
-        out: list[JobEvent] = [Delta(text, event.logprobs)] if text or event.logprobs else []
+        out: list[JobEvent] = (
+            [Delta(text, event.logprobs, event.completion_tokens)] if text or event.logprobs else []
+        )
         if self.scanner.tripped:
             self._stop_job("content_filter")
             self.job.done = True

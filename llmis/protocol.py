@@ -206,6 +206,13 @@ class ResponseFormat(_Lenient):
             self._schema_text = text
         return self
 
+    @classmethod
+    def from_grammar(cls, grammar: str) -> ResponseFormat:
+        """A format whose output follows the GBNF ``grammar`` (server-made, e.g. a preset's)."""
+        made = cls(type="text")
+        made._grammar, made._compiled = grammar, True
+        return made
+
     def compile(self) -> str | None:
         """The GBNF grammar for this format (blocking: run it in a thread). Idempotent."""
         with self._lock:
@@ -243,6 +250,9 @@ class ResponseFormat(_Lenient):
 
 class StreamOptions(_Lenient):
     include_usage: bool = False
+    # llmis: tokens per stream event, and coalescing of events closer than this (llmis.chunking)
+    chunk_tokens: int | None = Field(default=None, ge=1, le=4096)
+    min_interval_ms: float | None = Field(default=None, ge=0.0, le=60_000.0)
 
 
 MAX_TOKENS = 1_048_576  # the largest n_ctx a model can be configured with

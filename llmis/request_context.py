@@ -25,6 +25,7 @@ __all__ = [
     "REQUEST_CONTEXT",
     "RequestContext",
     "current_request",
+    "name_model",
     "new_request_id",
     "request_scope",
 ]
@@ -64,6 +65,15 @@ class RequestContext:
 
 def current_request() -> RequestContext | None:
     return _CURRENT.get()
+
+
+def name_model(model: str, prompt_tokens: int = 0) -> None:
+    """Name the model serving the current request (for the access log and the
+    ``model_name`` label of ``llmis:requests_total``); no-op outside a request."""
+    ctx = _CURRENT.get()
+    if ctx is not None:
+        ctx.model = model
+        ctx.prompt_tokens += prompt_tokens
 
 
 @contextlib.contextmanager

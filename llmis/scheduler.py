@@ -582,7 +582,8 @@ class Scheduler:
         step = out.push(token)
         finishing = step is not None and step.finish_reason is not None
         if step is not None and (step.text or (finishing and slot.logprobs)):
-            outbox.append((job, Delta(step.text, tuple(slot.logprobs))))
+            delta = Delta(step.text, tuple(slot.logprobs), step.completion_tokens)
+            outbox.append((job, delta))
             slot.logprobs = []
         if step is not None and step.finish_reason is not None:
             n_prompt, n_out = len(job.prompt), step.completion_tokens

@@ -10,6 +10,7 @@ thread right after the query is embedded.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from llmis.errors import APIError
+from llmis.embeddings import Embeddings, acquire_embedder, embed
+from llmis.errors import APIError, BadRequestError
 from llmis.index import (
     Index,
     IndexRow,
@@ -28,8 +30,9 @@ from llmis.index import (
     read_manifest,
     valid_name,
 )
+from llmis.models import ModelManager
 
-__all__ = ["Hit", "IndexCache", "IndexNotFoundError", "top_k"]
+__all__ = ["Hit", "IndexCache", "IndexNotFoundError", "search_index", "top_k"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,3 +122,54 @@ class IndexCache:
                 ) from None
             self._loaded[name] = (key, index)
             return index
+
+
+async def search_index(
+    manager: ModelManager,
+    cache: IndexCache,
+    name: str,
+    query: str,
+    k: int,
+    model: str | None = None,
+) -> tuple[str, Embeddings, list[Hit]]:
+    """Embed ``query`` with the model that built index ``name`` and return that model's
+    name, the embedding and the ``k`` best rows (``POST /v1/search`` and the answer preset)."""
+    loop = asyncio.get_running_loop()
+    index = cache.cached(name)
+    if index is None:
+        index = await loop.run_in_executor(None, cache.get, name)
+    built_with = index.manifest.model
+    if model is not None and model != built_with:
+        raise BadRequestError(
+            f"The index '{name}' was built with the model '{built_with}'; a query must be "
+            f"embedded by the same model, not '{model}'. Omit model or rebuild the index "
+            f"with: llmis index ... --model {model} --out {name}",
+            param="model",
+            code="index_model_mismatch",
+        )
+    if all(entry.name != built_with for entry in manager.entries()):
+        raise BadRequestError(
+            f"The index '{name}' was built with the model '{built_with}', which this "
+            "server does not serve; add it to the config to search this index.",
+            param="index",
+            code="index_model_unavailable",
+        )
+    embedder, pooling = await acquire_embedder(manager, built_with)
+    path = embedder.engine.path
+    built = (index.manifest.model_file, index.manifest.model_size, index.manifest.dimensions)
+
+    def rank(result: Embeddings) -> tuple[Embeddings, list[Hit]]:
+        if (path.name, path.stat().st_size, result.vectors.shape[1]) != built:
+            raise BadRequestError(
+                f"The model '{built_with}' is now served from a different file than the one "
+                f"that built the index '{name}' ({index.manifest.model_file}); rebuild "
+                "the index.",
+                param="index",
+                code="index_model_mismatch",
+                status=409,
+            )
+        return result, top_k(index, result.vectors[0], k)
+
+    # one hop: the query joins the model's next embedding batch, then is scored on that thread
+    result, hits = await embed(embedder, [query], pooling=pooling, then=rank)
+    return built_with, result, hits

@@ -73,6 +73,7 @@ def test_bad_admin_requests_get_openai_shaped_errors(
     assert got == status, body
     assert set(body["error"]) >= {"message", "type", "param", "code"}
     assert (body["error"]["param"], body["error"]["code"]) == (param, code)
+    assert body["error"]["type"] == "invalid_request_error"  # 4xx: the client's, as OpenAI
 
 
 def test_model_paths_are_confined_to_the_models_dir(server: RunningServer) -> None:

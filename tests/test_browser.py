@@ -9,6 +9,8 @@ Chromium comes from ``apt-get install chromium`` (``scripts/ci-system-deps.sh``)
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from tests.conftest import GEMMA_RESOURCE, REPO, SMOLLM_RESOURCE, RunningServer
+from tests.test_embeddings import minilm_path
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -46,6 +49,10 @@ def shared_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def chat_server(
     start_server: Callable[..., RunningServer], shared_models_dir: Path
 ) -> RunningServer:
+    minilm = shared_models_dir / ".converted" / minilm_path().name
+    if not minilm.exists():  # an embedding model too: the page must leave it out
+        minilm.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(minilm_path(), minilm)
     return start_server(
         f"""
 [server]
@@ -69,6 +76,12 @@ n_ctx = 1024
 name = "smollm2-tiny"
 resource = "{SMOLLM_RESOURCE}"
 n_ctx = 512
+
+[[models]]
+name = "minilm"
+path = ".converted/{minilm.name}"
+n_ctx = 512
+embedding = true
 """
     )
 
@@ -357,3 +370,295 @@ def test_model_output_with_html_is_shown_as_text(open_page: Callable[..., Page])
     assert page.evaluate("window.__xss") is None
     assert page.title() == title
     screenshot(page, "chat-xss.png")
+
+
+# ----- issue 16: Markdown, conversations, edit/regenerate, stats, keys, narrow layout -----
+
+# What sanitised Markdown may put in a reply (chat.js RENDERED_TAGS), plus the page's own
+# highlighting spans and copy buttons.
+RENDERED = {"P", "BR", "HR", "H1", "H2", "H3", "H4", "H5", "H6", "STRONG", "EM", "DEL", "CODE"}
+RENDERED |= {
+    "PRE",
+    "BLOCKQUOTE",
+    "UL",
+    "OL",
+    "LI",
+    "A",
+    "TABLE",
+    "THEAD",
+    "TBODY",
+    "TR",
+    "TH",
+    "TD",
+}
+CONTENT_TAGS = """() => [...document.querySelectorAll('#log .content *')].map(
+    n => n.tagName === 'SPAN' ? (n.className.startsWith('hljs') ? 'HLJS' : 'SPAN')
+       : n.tagName === 'BUTTON' ? (n.className === 'copy' ? 'COPY' : 'BUTTON') : n.tagName)"""
+
+MARKDOWN = (
+    "Here is **bold**, *slanted* and `inline code`:\n\n"
+    "- first\n- second\n\n"
+    "```python\ndef answer():\n    return 42\n```\n\n"
+    '<img src=x onerror="window.__xss=3"> [ok](https://example.com) [bad](javascript:alert(1))'
+)
+
+
+def test_markdown_code_blocks_copy_buttons_and_highlighting(
+    open_page: Callable[..., Page],
+) -> None:
+    page = open_page()
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    turn = {
+        "user": "show me",
+        "replies": [{"model": "smollm2", "content": MARKDOWN, "status": "stop"}],
+    }
+    seed(page, {"turns": [turn]}, {"model": "smollm2"})
+    content = page.locator("#log .reply .content").first
+    assert content.locator("strong").text_content() == "bold"
+    assert content.locator("em").text_content() == "slanted"
+    assert content.locator("ul > li").count() == 2
+    code = content.locator("pre code")
+    assert code.text_content() == "def answer():\n    return 42\n"
+    assert code.locator("span.hljs-keyword").count() >= 2  # def, return: highlighted
+    tags = set(page.evaluate(CONTENT_TAGS))
+    assert tags <= RENDERED | {"HLJS", "COPY"}, tags
+    assert page.locator("#log img").count() == 0 and "<img" in (content.text_content() or "")
+    hrefs = content.locator("a").evaluate_all("links => links.map(a => a.getAttribute('href'))")
+    assert "https://example.com" in hrefs and not any(h and "javascript" in h for h in hrefs)
+    content.locator("pre button.copy").click()
+    page.wait_for_selector("#log pre button.copy[data-copied=true]")
+    assert page.locator("#chat-list .chat-item").count() == 1  # the seeded one, kept
+    assert page.evaluate("navigator.clipboard.readText()") == "def answer():\n    return 42\n"
+    page.wait_for_timeout(200)
+    assert page.evaluate("window.__xss") is None
+
+
+def test_reply_renders_markdown_while_streaming_and_shows_its_speed(
+    open_page: Callable[..., Page],
+) -> None:
+    page = open_page()
+    stream_long_reply(page, "Write a long list of ideas for a picnic.")
+    # mid-stream the reply is already rendered Markdown (paragraphs), not raw text
+    tags = set(page.evaluate(CONTENT_TAGS))
+    assert tags and tags <= RENDERED | {"HLJS", "COPY"}, tags
+    page.click("#stop")
+    page.wait_for_selector("#log .reply[data-status=cancelled]")
+    set_extra(page, "")
+    page.fill("#max_tokens", "8")
+    send(page, "Say hello.")
+    wait_all_done(page)
+    stats = page.locator("#log .turn").last.locator(".reply-stats").text_content() or ""
+    match = re.fullmatch(r"(\d+) tokens · ([\d.]+) tok/s · TTFT (\d+) ms", stats)
+    assert match, stats
+    assert 1 <= int(match[1]) <= 8 and float(match[2]) > 0 and int(match[3]) > 0
+    page.reload()
+    page.wait_for_selector("#transport[data-transport]")
+    assert page.locator("#log .turn").last.locator(".reply-stats").text_content() == stats
+
+
+def test_conversations_new_rename_search_delete_and_export(
+    open_page: Callable[..., Page], tmp_path: Path
+) -> None:
+    page = open_page()
+    page.select_option("#model", "smollm2")
+    page.fill("#max_tokens", "3")
+    send(page, "First conversation about cats")
+    wait_all_done(page)
+    page.click("#new-chat")
+    assert page.locator("#log .turn").count() == 0
+    send(page, "Second conversation about boats")
+    wait_all_done(page)
+    items = page.locator("#chat-list .chat-item")
+    assert items.count() == 2
+    assert items.nth(0).locator(".chat-open").text_content() == "Second conversation about boats"
+
+    items.nth(1).locator(".chat-open").click()  # switch back
+    assert page.text_content("#log .user") == "First conversation about cats"
+    items.nth(1).locator(".chat-rename").click()
+    page.fill("#chat-list .chat-title-input", "Cats")
+    page.press("#chat-list .chat-title-input", "Enter")
+    assert "Cats" in [t.strip() for t in page.locator("#chat-list .chat-open").all_text_contents()]
+
+    page.fill("#chat-search", "boats")
+    assert page.locator("#chat-list .chat-open").all_text_contents() == [
+        "Second conversation about boats"
+    ]
+    page.fill("#chat-search", "")
+
+    with page.expect_download() as download:
+        page.click("#export-chats")
+    path = tmp_path / "export.json"
+    download.value.save_as(path)
+    exported = json.loads(path.read_text())
+    titles = sorted(c["title"] or c["turns"][0]["user"] for c in exported["conversations"])
+    assert titles == ["Cats", "Second conversation about boats"]
+    assert all(c["turns"][0]["replies"][0]["status"] == "length" for c in exported["conversations"])
+
+    page.reload()
+    page.wait_for_selector("#transport[data-transport]")
+    assert page.locator("#chat-list .chat-item").count() == 2  # kept in localStorage
+    page.locator("#chat-list .chat-item.current .chat-delete").click()
+    assert page.locator("#chat-list .chat-item").count() == 1
+    assert page.text_content("#log .user") == "Second conversation about boats"
+
+
+def test_edit_and_resend_and_regenerate(open_page: Callable[..., Page]) -> None:
+    page = open_page()
+    page.select_option("#model", "smollm2")
+    page.fill("#max_tokens", "4")
+    send(page, "Name a fruit.")
+    wait_all_done(page)
+    send(page, "Name a vegetable.")
+    wait_all_done(page)
+    assert page.locator("#log .turn").count() == 2
+
+    page.locator("#log .turn").nth(0).locator("button.edit").click()
+    assert page.input_value("#prompt") == "Name a fruit."
+    assert page.is_visible("#editing")
+    page.fill("#prompt", "Name a colour.")
+    page.click("#send")
+    wait_all_done(page)
+    # the edited message replaced the first turn and everything after it
+    assert page.locator("#log .user").all_text_contents() == ["Name a colour."]
+
+    page.locator("#log .reply button.regenerate").first.click()
+    # the old reply is cleared and asked for again: a fresh generation with its own stats
+    assert page.get_attribute("#log .reply", "data-status") == "streaming"
+    assert page.text_content("#log .reply .reply-stats") == ""
+    wait_all_done(page)
+    reply = page.locator("#log .reply").first
+    assert reply.get_attribute("data-status") in ("stop", "length")
+    assert (reply.locator(".content").text_content() or "").strip()
+    assert re.match(r"\d+ tokens", reply.locator(".reply-stats").text_content() or "")
+    assert page.locator("#log .turn").count() == 1
+
+
+def test_picker_has_no_embedding_model_and_a_bad_json_keeps_the_message(
+    open_page: Callable[..., Page], chat_server: RunningServer
+) -> None:
+    with urllib.request.urlopen(chat_server.url + "/", timeout=30) as resp:
+        assert 'value="minilm"' not in resp.read().decode()
+    page = open_page()
+    page.wait_for_timeout(300)  # the /v1/models refresh ran
+    assert "minilm" not in page.locator("#model option").evaluate_all(
+        "options => options.map(o => o.value)"
+    )
+    set_extra(page, "{not json")
+    send(page, "Keep this text please")
+    assert page.is_visible("#composer-error")
+    assert "not valid JSON" in (page.text_content("#composer-error") or "")
+    assert page.input_value("#prompt") == "Keep this text please"
+    assert page.locator("#log .turn").count() == 0
+
+
+def test_narrow_layout_puts_the_settings_in_a_drawer(open_page: Callable[..., Page]) -> None:
+    page = open_page()
+    page.set_viewport_size({"width": 420, "height": 800})
+    assert not page.is_visible("#settings") and not page.is_visible("#sidebar")
+    assert not page.is_visible("#api-key")  # this server needs no key
+    composer = page.locator("#composer").bounding_box()
+    assert composer is not None and composer["x"] >= 0 and composer["width"] <= 420
+    assert composer["y"] + composer["height"] <= 800
+    page.click("#settings-toggle")
+    assert page.is_visible("#settings")
+    box = page.locator("#settings").bounding_box()
+    assert box is not None and box["width"] >= 300 and box["x"] + box["width"] <= 421
+    field = page.locator("#system").bounding_box()
+    assert field is not None and field["width"] >= 250  # not squeezed into a strip
+    screenshot(page, "chat-narrow-settings.png")
+    page.click("#settings-close")
+    assert not page.is_visible("#settings")
+    page.click("#chats-toggle")
+    assert page.is_visible("#sidebar")
+
+
+@pytest.fixture(scope="module")
+def keyed_server(start_server: Callable[..., RunningServer]) -> RunningServer:
+    return start_server(
+        f"""
+[server]
+host = "127.0.0.1"
+threads = 1
+
+[auth]
+api_keys = ["page-key-1"]
+
+[[models]]
+name = "smollm2"
+resource = "{SMOLLM_RESOURCE}"
+n_ctx = 1024
+"""
+    )
+
+
+@pytest.mark.parametrize("transport", ["WebSocket", "SSE"])
+def test_api_key_field_for_a_server_with_keys(
+    browser: Browser, keyed_server: RunningServer, transport: str
+) -> None:
+    context = browser.new_context(viewport={"width": 1280, "height": 820})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        sockets: list[str] = []
+        page.on("websocket", lambda ws: sockets.append(ws.url))
+        query = "?transport=sse" if transport == "SSE" else ""
+        page.goto(keyed_server.url + "/" + query)
+        page.wait_for_selector("#transport[data-transport]")
+        assert page.is_visible("#api-key")
+        assert page.locator("#model option").count() == 0  # nothing listed without the key
+        page.fill("#api-key", "page-key-1")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_selector("#model option[value=smollm2]", state="attached")
+        page.wait_for_selector(f"#transport[data-transport={transport}]")
+        page.fill("#max_tokens", "3")
+        send(page, "Hi")
+        wait_all_done(page)
+        assert page.get_attribute("#log .reply", "data-status") == "length"
+        assert all("page-key-1" not in url for url in sockets)
+        assert page.evaluate("sessionStorage.getItem('llmis.chat.apikey')") == "page-key-1"
+        assert page.evaluate("localStorage.getItem('llmis.chat.apikey')") is None
+    finally:
+        context.close()
+
+
+def test_docs_screenshot(open_page: Callable[..., Page]) -> None:
+    """Refresh docs/chat.png: two conversations, a Markdown reply with code, the stats footer."""
+    page = open_page()
+    turns = [
+        {
+            "user": "How do I read a file line by line in Python?",
+            "replies": [
+                {
+                    "model": "smollm2",
+                    "status": "stop",
+                    "stats": {"tokens": 61, "tps": 48.2, "ttft_ms": 84},
+                    "content": "Open it with a `with` block and iterate over it:\n\n"
+                    "```python\nwith open('notes.txt') as f:\n    for line in f:\n"
+                    "        print(line.rstrip())\n```\n\n- the file is closed for you\n"
+                    "- lines keep their `\\n` until you strip it",
+                }
+            ],
+        }
+    ]
+    seed(page, {"turns": [{"user": "Plan a picnic", "replies": []}]}, {})
+    seed(page, {"turns": turns}, {"model": "smollm2"})
+    page.select_option("#model", "smollm2")
+    page.fill("#max_tokens", "24")
+    send(page, "Give me two tips for clean code, as a list.")
+    wait_all_done(page)
+    page.screenshot(path=str(REPO / "docs" / "chat.png"))
+
+
+def test_presets_are_in_the_picker_and_answer(open_page: Callable[..., Page]) -> None:
+    page = open_page()
+    group = page.locator("#model optgroup[label=Presets] option")
+    values = group.evaluate_all("options => options.map(o => o.value)")
+    assert {"summarize", "classify", "answer", "extract"} <= set(values)
+    page.select_option("#model", "summarize")
+    page.fill("#max_tokens", "6")
+    send(page, "The lighthouse keeper counted the ships every night and wrote them down.")
+    wait_all_done(page)
+    reply = page.locator("#log .reply").last
+    assert reply.get_attribute("data-model") == "summarize"
+    assert reply.get_attribute("data-status") in ("stop", "length")
+    assert (reply.locator(".content").text_content() or "").strip()

@@ -228,7 +228,8 @@ def test_catalog_shows_gguf_metadata_and_state(pair: RunningServer) -> None:
     models = {m["id"]: m for m in body["data"]}
     smol, gemma = models["smollm2"], models["gemma3"]
     assert (smol["architecture"], smol["quantization"]) == ("llama", "Q4_1")
-    assert (smol["has_chat_template"], smol["context_length"]) == (True, 8192)
+    assert (smol["has_chat_template"], smol["n_ctx_train"]) == (True, 8192)
+    assert smol["context_length"] == 1024  # what requests can use: the configured n_ctx
     assert (gemma["architecture"], gemma["quantization"]) == ("gemma3", "Q4_K_M")
     assert (gemma["has_chat_template"], gemma["chat_format"]) == (False, "snoozy")
     assert smol["parameters"] > 100_000_000 and gemma["parameters"] > 250_000_000

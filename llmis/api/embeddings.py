@@ -19,6 +19,7 @@ from pydantic import Field, field_validator
 from llmis.api.middleware import read_json
 from llmis.embeddings import Embeddings, embed, lease_embedder, truncate_dimensions
 from llmis.protocol import LenientModel, as_batch
+from llmis.request_context import name_model
 from llmis.state import MANAGER
 
 __all__ = ["MAX_INPUTS", "EmbeddingRequest", "routes"]
@@ -82,10 +83,12 @@ def _encode(vector: Any, encoding_format: str) -> list[float] | str:
 async def create_embeddings(request: web.Request) -> web.Response:
     req = EmbeddingRequest.model_validate(await read_json(request))
     async with lease_embedder(request.app[MANAGER], req.model) as (embedder, pooling):
+        name_model(req.model)
         # one job: its rows share decodes with every other request's (a disconnected client
         # cancels the task, which drops the rows not decoded yet)
         result: Embeddings = await embed(embedder, req.inputs(), pooling=pooling)
     tokens = result.prompt_tokens
+    name_model(req.model, tokens)
     vectors = truncate_dimensions(result.vectors, req.dimensions)
     data = [
         {"object": "embedding", "index": i, "embedding": _encode(v, req.encoding_format)}

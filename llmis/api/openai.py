@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from aiohttp import web
 
 from llmis.api.middleware import read_json
+from llmis.chunking import coalesce, pacing
+from llmis.errors import ModelNotFoundError
 from llmis.jobs import Delta, Failed, Finished
 from llmis.logprobs import chat_logprobs, completion_logprobs
+from llmis.presets import PRESETS
 from llmis.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -22,6 +27,7 @@ from llmis.protocol import (
 from llmis.serving import Generation, start_chat, start_completion
 from llmis.sse import EventStream
 from llmis.state import MANAGER, SETTINGS
+from llmis.tasks import TaskPlan, plan_chat
 from llmis.toolcalls import chat_deltas, tool_call_objects
 
 __all__ = ["routes"]
@@ -34,42 +40,53 @@ async def list_models(request: web.Request) -> web.Response:
     """Every model and alias, with its state and GGUF metadata as extra fields."""
     manager = request.app[MANAGER]
     await manager.refresh()
-    return web.json_response({"object": "list", "data": manager.openai_objects()})
+    data = manager.openai_objects() + request.app[PRESETS].openai_objects(manager)
+    return web.json_response({"object": "list", "data": data})
 
 
 @routes.get("/v1/models/{name:.+}")
 async def get_model(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    entry = request.app[MANAGER].entry(name)
+    manager = request.app[MANAGER]
+    try:
+        entry = manager.entry(name)
+    except ModelNotFoundError:
+        for preset in request.app[PRESETS].openai_objects(manager):
+            if preset["id"] == name:
+                return web.json_response(preset)
+        raise
     return web.json_response(entry.openai_object(name))
 
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    req = ChatCompletionRequest.model_validate(await read_json(request))
+    req, plan = await plan_chat(request.app, await read_json(request))
     await compile_grammar(req)
     generation = await start_chat(request.app[MANAGER], req)
+    if plan is not None:  # a preset: the response names it
+        generation = dataclasses.replace(generation, model=plan.model_id)
     try:
         if req.stream:
-            return await _stream_chat(request, req, generation)
+            return await _stream_chat(request, req, generation, plan)
         result = await generation.collect(generation.jobs[0])
         parser = generation.parser()
         parser.feed(result.text)
         parser.finish()
-        return web.json_response(
-            chat_response(
-                new_id("chatcmpl"),
-                generation.model,
-                now(),
-                parser.content,
-                parser.finish_reason(result.finish_reason),
-                result.prompt_tokens,
-                result.completion_tokens,
-                result.cached_tokens,
-                tool_calls=tool_call_objects(parser),
-                logprobs=chat_logprobs(result.logprobs) if req.logprobs else None,
-            )
+        body = chat_response(
+            new_id("chatcmpl"),
+            generation.model,
+            now(),
+            parser.content,
+            parser.finish_reason(result.finish_reason),
+            result.prompt_tokens,
+            result.completion_tokens,
+            result.cached_tokens,
+            tool_calls=tool_call_objects(parser),
+            logprobs=chat_logprobs(result.logprobs) if req.logprobs else None,
         )
+        if plan is not None:
+            body.update(await plan.result(result.text))
+        return web.json_response(body)
     finally:
         generation.cancel()
 
@@ -102,7 +119,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream_chat(
-    request: web.Request, req: ChatCompletionRequest, generation: Generation
+    request: web.Request,
+    req: ChatCompletionRequest,
+    generation: Generation,
+    plan: TaskPlan | None = None,
 ) -> web.StreamResponse:
     id_, created, model = new_id("chatcmpl"), now(), generation.model
     usage = req.include_usage
@@ -111,15 +131,18 @@ async def _stream_chat(
     sse = EventStream(request, write_timeout=server.write_timeout_seconds)
     try:
         await sse.prepare()
-        await sse.send(
-            chat_chunk(id_, model, created, {"role": "assistant", "content": ""}, None, usage)
-        )
+        first = chat_chunk(id_, model, created, {"role": "assistant", "content": ""}, None, usage)
+        await sse.send({**first, **plan.first()} if plan is not None else first)
+        parts: list[str] = []
         parser = generation.parser()
         want_logprobs = req.logprobs
-        async for event in generation.events(generation.jobs[0], keepalive):
+        pace = pacing(request.app[SETTINGS].streaming, req.stream_options)
+        async for event in coalesce(generation.events(generation.jobs[0], keepalive), pace):
             if event is None:
                 await sse.ping()
             elif isinstance(event, Delta):
+                if plan is not None:
+                    parts.append(event.text)
                 logprobs = chat_logprobs(event.logprobs) if want_logprobs else None
                 deltas = chat_deltas(parser.feed(event.text))
                 if not deltas and logprobs is not None and event.logprobs:
@@ -131,7 +154,10 @@ async def _stream_chat(
                 for delta in chat_deltas(parser.finish()):
                     await sse.send(chat_chunk(id_, model, created, delta, None, usage))
                 reason = parser.finish_reason(event.finish_reason)
-                await sse.send(chat_chunk(id_, model, created, {}, reason, usage))
+                last = chat_chunk(id_, model, created, {}, reason, usage)
+                if plan is not None:
+                    last.update(await plan.result("".join(parts)))
+                await sse.send(last)
                 if usage:
                     await sse.send(
                         usage_chunk(
@@ -165,7 +191,8 @@ async def _stream_completion(
         await sse.prepare()
         for index, job in enumerate(generation.jobs):
             offset = 0
-            async for event in generation.events(job, keepalive):
+            pace = pacing(request.app[SETTINGS].streaming, req.stream_options)
+            async for event in coalesce(generation.events(job, keepalive), pace):
                 if event is None:
                     await sse.ping()
                 elif isinstance(event, Delta):

@@ -15,6 +15,7 @@ from aiohttp import web
 
 import llmis
 from llmis import __version__
+from llmis.auth import KEYRING
 from llmis.errors import APIError
 from llmis.state import MANAGER
 
@@ -39,13 +40,16 @@ def templates_dir() -> Path:
 
 @routes.get("/")
 async def chat_page(request: web.Request) -> web.Response:
+    """The page. With API keys on, it lists no models (the page is open to anyone): its
+    script asks ``/v1/models`` for them with the key the user types."""
+    auth_required = request.app[KEYRING].enabled
     models = [
-        {"name": e.name, "state": e.state.value, "n_ctx": e.settings.n_ctx}
+        {"name": e.name, "state": e.state.value, "n_ctx": e.served_n_ctx}
         for e in request.app[MANAGER].entries()
+        if not e.embedding_only and not auth_required
     ]
-    response = aiohttp_jinja2.render_template(
-        "chat.html", request, {"models": models, "version": __version__}
-    )
+    context = {"models": models, "version": __version__, "auth_required": auth_required}
+    response = aiohttp_jinja2.render_template("chat.html", request, context)
     response.headers["Content-Security-Policy"] = CSP
     response.headers["Cache-Control"] = "no-store"
     return response

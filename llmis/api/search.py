@@ -15,11 +15,10 @@ from aiohttp import web
 from pydantic import Field, field_validator
 
 from llmis.api.middleware import read_json
-from llmis.embeddings import Embeddings, acquire_embedder, embed
-from llmis.errors import BadRequestError
 from llmis.index import Manifest
 from llmis.protocol import LenientModel
-from llmis.search import Hit, IndexCache, top_k
+from llmis.request_context import name_model
+from llmis.search import IndexCache, search_index
 from llmis.state import INDEXES, MANAGER, SETTINGS
 
 __all__ = ["MAX_TOP_K", "SearchRequest", "routes", "setup"]
@@ -70,45 +69,11 @@ async def list_indexes(request: web.Request) -> web.Response:
 @routes.post("/v1/search")
 async def search(request: web.Request) -> web.Response:
     req = SearchRequest.model_validate(await read_json(request))
-    cache = request.app[INDEXES]
-    index = cache.cached(req.index)
-    if index is None:
-        index = await asyncio.get_running_loop().run_in_executor(None, cache.get, req.index)
-    built_with = index.manifest.model
-    if req.model is not None and req.model != built_with:
-        raise BadRequestError(
-            f"The index '{req.index}' was built with the model '{built_with}'; a query must be "
-            f"embedded by the same model, not '{req.model}'. Omit model or rebuild the index "
-            f"with: llmis index ... --model {req.model} --out {req.index}",
-            param="model",
-            code="index_model_mismatch",
-        )
     manager = request.app[MANAGER]
-    if all(entry.name != built_with for entry in manager.entries()):
-        raise BadRequestError(
-            f"The index '{req.index}' was built with the model '{built_with}', which this "
-            "server does not serve; add it to the config to search this index.",
-            param="index",
-            code="index_model_unavailable",
-        )
-    embedder, pooling = await acquire_embedder(manager, built_with)
-    path = embedder.engine.path
-    built = (index.manifest.model_file, index.manifest.model_size, index.manifest.dimensions)
-
-    def rank(result: Embeddings) -> tuple[Embeddings, list[Hit]]:
-        if (path.name, path.stat().st_size, result.vectors.shape[1]) != built:
-            raise BadRequestError(
-                f"The model '{built_with}' is now served from a different file than the one "
-                f"that built the index '{req.index}' ({index.manifest.model_file}); rebuild "
-                "the index.",
-                param="index",
-                code="index_model_mismatch",
-                status=409,
-            )
-        return result, top_k(index, result.vectors[0], req.top_k)
-
-    # one hop: the query joins the model's next embedding batch, then is scored on that thread
-    result, hits = await embed(embedder, [req.query], pooling=pooling, then=rank)
+    built_with, result, hits = await search_index(
+        manager, request.app[INDEXES], req.index, req.query, req.top_k, req.model
+    )
+    name_model(built_with, result.prompt_tokens)
     return web.json_response(
         {
             "object": "list",

@@ -30,14 +30,18 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
 
 from llmis.api.middleware import parse_json, validation_error
+from llmis.auth import WS_PROTOCOL
+from llmis.chunking import coalesce, pacing
 from llmis.errors import APIError, BadRequestError
 from llmis.jobs import Delta, Failed, Finished
+from llmis.logs import finish_request
 from llmis.protocol import ChatCompletionRequest, compile_grammar, usage
 from llmis.ratelimit import RateLimitError
 from llmis.request_context import current_request, new_request_id, request_scope
 from llmis.serving import Generation, start_chat
 from llmis.sse import within
 from llmis.state import MANAGER, OVERSIGHT, SETTINGS
+from llmis.tasks import TaskPlan, plan_chat
 from llmis.toolcalls import chat_deltas
 from llmis.trimming import start_trimmed_chat
 
@@ -79,12 +83,14 @@ class _Session:
     """The jobs of one socket, keyed by the client's ids."""
 
     def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
+        self.app = request.app
         self.manager = request.app[MANAGER]
         self.oversight = request.app.get(OVERSIGHT)
         self.ws = ws
         self.transport = request.transport
         self.chats: dict[ChatId, _Chat] = {}
         self.write_timeout = request.app[SETTINGS].server.write_timeout_seconds
+        self.streaming = request.app[SETTINGS].streaming
         ctx = current_request()
         # The client as the rate-limit middleware knew it when the socket was opened.
         self.rate_key = ctx.rate_key if ctx is not None and ctx.rate_key else None
@@ -148,7 +154,7 @@ class _Session:
                     code="duplicate_id",
                 )
             body = {k: v for k, v in data.items() if k not in _ENVELOPE_KEYS}
-            request = ChatCompletionRequest.model_validate(body)
+            request, plan = await plan_chat(self.app, body)
             self.admit()
         except ValidationError as exc:
             await self.error(id_, validation_error(exc))
@@ -157,7 +163,7 @@ class _Session:
             await self.error(id_, exc)
             return
         task = asyncio.get_running_loop().create_task(
-            self._scoped_chat(envelope.id, request, envelope.trim)
+            self._scoped_chat(envelope.id, request, envelope.trim, plan)
         )
         self.chats[envelope.id] = _Chat(task)
 
@@ -172,15 +178,31 @@ class _Session:
         chat.cancelled = True
         chat.task.cancel()
 
-    async def _scoped_chat(self, id_: ChatId, request: ChatCompletionRequest, trim: bool) -> None:
+    async def _scoped_chat(
+        self, id_: ChatId, request: ChatCompletionRequest, trim: bool, plan: TaskPlan | None
+    ) -> None:
         """Run one chat as its own request: its own id, and timeouts counted from now."""
         socket = current_request()
         if socket is None:
-            await self._chat(id_, request, trim)
+            await self._chat(id_, request, trim, plan)
             return
-        ctx = dataclasses.replace(socket, id=new_request_id(), started=time.monotonic())
+        ctx = dataclasses.replace(
+            socket,
+            id=new_request_id(),
+            started=time.monotonic(),
+            method="WS",
+            model=None,
+            prompt_tokens=0,
+            completion_tokens=0,
+            ttft=None,
+            finish_reason=None,
+        )
+        status = 499  # the socket closed first
         with request_scope(ctx):
-            await self._chat(id_, request, trim)
+            try:
+                status = await self._chat(id_, request, trim, plan)
+            finally:
+                finish_request(ctx, "/v1/ws", status)  # one access-log line per chat
 
     def _release(self, id_: ChatId) -> None:
         """Free ``id_`` for reuse: called by its own task just before its last event."""
@@ -196,17 +218,24 @@ class _Session:
         self._release(id_)
         await self.error(id_, exc)
 
-    async def _chat(self, id_: ChatId, request: ChatCompletionRequest, trim: bool) -> None:
+    async def _chat(
+        self, id_: ChatId, request: ChatCompletionRequest, trim: bool, plan: TaskPlan | None
+    ) -> int:
+        """Run one chat; return its status for the access log (200, an error's, 499)."""
         generation: Generation | None = None
+        status = 200
         try:
             await compile_grammar(request)
             if trim:
                 generation, trimmed = await start_trimmed_chat(self.manager, request)
             else:
                 generation, trimmed = await start_chat(self.manager, request), 0
+            parts: list[str] = []
             parser = generation.parser()
-            async for event in generation.events(generation.jobs[0]):
+            pace = pacing(self.streaming, request.stream_options)
+            async for event in coalesce(generation.events(generation.jobs[0]), pace):
                 if isinstance(event, Delta):
+                    parts.append(event.text)
                     for delta in chat_deltas(parser.feed(event.text)):
                         await self.send({"type": "delta", "id": id_, **delta})
                 elif isinstance(event, Finished):
@@ -220,20 +249,27 @@ class _Session:
                     }
                     if trimmed:
                         done["trimmed"] = trimmed
+                    if plan is not None:
+                        done["model"] = plan.model_id
+                        done.update(await plan.result("".join(parts)))
                     await self._end(id_, done)
                 elif isinstance(event, Failed):
+                    status = event.error.status
                     await self._fail(id_, event.error)
         except APIError as exc:
+            status = exc.status
             await self._fail(id_, exc)
         except asyncio.CancelledError:
             chat = self.chats.get(id_)
             if chat is None or not chat.cancelled:
                 raise  # the socket closed: nobody to tell
+            status = 499
             await self._end(
                 id_, {"type": "done", "id": id_, "finish_reason": "cancelled", "usage": None}
             )
         except Exception:
             logger.exception("websocket chat %r failed", id_)
+            status = 500
             await self._fail(
                 id_, APIError("The server had an error while processing your request.")
             )
@@ -241,6 +277,7 @@ class _Session:
             if generation is not None:
                 generation.cancel()
             self._release(id_)
+        return status
 
     async def close(self) -> None:
         """Cancel every job of this socket and wait for their tasks to end."""
@@ -254,6 +291,7 @@ class _Session:
 async def chat_socket(request: web.Request) -> web.WebSocketResponse:
     server = request.app[SETTINGS].server
     ws = web.WebSocketResponse(
+        protocols=(WS_PROTOCOL,),  # answered when a browser offered it (with its key)
         heartbeat=heartbeat_seconds(server.keepalive_seconds),
         max_msg_size=server.max_body_bytes,
     )

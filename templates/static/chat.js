@@ -1,14 +1,23 @@
 // llmis chat page. No framework, no CDN: everything here is served by llmis itself.
 //
-// Model output is only ever put into the page with textContent, never innerHTML, so no HTML
-// or script from a model can run. Replies stream over the /v1/ws WebSocket; when the socket
-// cannot be opened the page falls back to POST /v1/chat/completions with SSE streaming.
+// Model output is Markdown: it is rendered with marked (raw HTML in it is escaped, shown as
+// text), then sanitised by DOMPurify down to the Markdown tags in RENDERED_TAGS, then code
+// blocks are highlighted by highlight.js. User messages are only ever set with textContent.
+// Replies stream over the /v1/ws WebSocket; when the socket cannot be opened the page falls
+// back to POST /v1/chat/completions with SSE streaming.
 "use strict";
 
 (() => {
-  const HISTORY_KEY = "llmis.chat.history.v1";
+  const STORE_KEY = "llmis.chat.conversations.v2";
+  const OLD_HISTORY_KEY = "llmis.chat.history.v1"; // one conversation, before v2
   const SETTINGS_KEY = "llmis.chat.settings.v1";
+  const KEY_KEY = "llmis.chat.apikey"; // sessionStorage: the key lives as long as the tab
   const SETTING_IDS = ["system", "temperature", "top_p", "max_tokens", "extra", "model", "model2"];
+  // What sanitised Markdown may contain: nothing else survives DOMPurify.
+  const RENDERED_TAGS = [
+    "p", "br", "hr", "h1", "h2", "h3", "h4", "h5", "h6", "strong", "em", "del", "code", "pre",
+    "blockquote", "ul", "ol", "li", "a", "table", "thead", "tbody", "tr", "th", "td",
+  ];
 
   const $ = (id) => document.getElementById(id);
   const el = (tag, className, text) => {
@@ -18,25 +27,121 @@
     return node;
   };
 
+  // ----- Markdown -----
+
+  const escapeHtml = (text) =>
+    text.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+
+  if (window.marked) {
+    window.marked.use({
+      gfm: true,
+      breaks: true,
+      renderer: {
+        html(token) {
+          return escapeHtml(token.text || token.raw || ""); // raw HTML from a model is text
+        },
+      },
+    });
+  }
+
+  function renderMarkdown(container, text) {
+    if (!window.marked || !window.DOMPurify) {
+      container.textContent = text;
+      return;
+    }
+    const html = window.DOMPurify.sanitize(window.marked.parse(text), {
+      ALLOWED_TAGS: RENDERED_TAGS,
+      ALLOWED_ATTR: ["href", "title", "class"],
+      ALLOWED_URI_REGEXP: /^(?:https?:|mailto:|#)/i,
+    });
+    container.innerHTML = html.trim();
+    for (const link of container.querySelectorAll("a")) {
+      link.rel = "noopener noreferrer";
+      link.target = "_blank";
+    }
+    for (const code of container.querySelectorAll("pre > code")) {
+      if (window.hljs) {
+        const lang = (code.className.match(/language-([\w+-]+)/) || [])[1];
+        if (lang && window.hljs.getLanguage(lang)) {
+          code.innerHTML = window.hljs.highlight(code.textContent, { language: lang, ignoreIllegals: true }).value;
+        } else {
+          code.innerHTML = window.hljs.highlightAuto(code.textContent).value;
+        }
+        code.classList.add("hljs");
+      }
+      const pre = code.parentElement;
+      const copy = el("button", "copy", "Copy");
+      copy.type = "button";
+      copy.title = "Copy the code";
+      copy.addEventListener("click", () => copyText(code.textContent, copy));
+      pre.classList.add("codeblock");
+      pre.prepend(copy);
+    }
+  }
+
+  async function copyText(text, button) {
+    try {
+      await navigator.clipboard.writeText(text);
+    } catch {
+      const area = el("textarea");
+      area.value = text;
+      document.body.append(area);
+      area.select();
+      document.execCommand("copy");
+      area.remove();
+    }
+    button.textContent = "Copied";
+    button.dataset.copied = "true";
+    setTimeout(() => (button.textContent = "Copy"), 1500);
+  }
+
   // ----- persistence -----
 
-  const load = (key, fallback) => {
+  const load = (key, fallback, storage = localStorage) => {
     try {
-      const value = JSON.parse(localStorage.getItem(key));
+      const value = JSON.parse(storage.getItem(key));
       return value ?? fallback;
     } catch {
       return fallback;
     }
   };
 
-  const history = load(HISTORY_KEY, { turns: [] });
-  if (!Array.isArray(history.turns)) history.turns = [];
-  for (const turn of history.turns) {
-    for (const reply of turn.replies || []) {
-      if (reply.status === "streaming" || reply.status === "stopping") reply.status = "interrupted";
+  const newId = () => `chat-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 7)}`;
+  const newConversation = (turns = []) => ({ id: newId(), title: "", created: Date.now(), updated: Date.now(), turns });
+
+  const store = load(STORE_KEY, { current: null, list: [] });
+  if (!Array.isArray(store.list)) store.list = [];
+  const old = load(OLD_HISTORY_KEY, null);
+  if (old && Array.isArray(old.turns)) {
+    // an older page's single conversation (or one put there by a test): it becomes the current one
+    const conv = newConversation(old.turns);
+    store.list.unshift(conv);
+    store.current = conv.id;
+    localStorage.setItem(STORE_KEY, JSON.stringify(store));
+    localStorage.removeItem(OLD_HISTORY_KEY);
+  }
+  for (const conv of store.list) {
+    if (!Array.isArray(conv.turns)) conv.turns = [];
+    for (const turn of conv.turns) {
+      for (const reply of turn.replies || []) {
+        if (reply.status === "streaming" || reply.status === "stopping") reply.status = "interrupted";
+      }
     }
   }
-  const saveHistory = () => localStorage.setItem(HISTORY_KEY, JSON.stringify(history));
+  const saveStore = () => {
+    const plain = JSON.stringify(store, (key, value) => (key === "view" ? undefined : value));
+    localStorage.setItem(STORE_KEY, plain);
+  };
+  const current = () => {
+    let conv = store.list.find((c) => c.id === store.current);
+    if (!conv) {
+      conv = store.list[0] || newConversation();
+      if (!store.list.includes(conv)) store.list.unshift(conv);
+      store.current = conv.id;
+    }
+    return conv;
+  };
+  const titleOf = (conv) => conv.title || (conv.turns[0] && conv.turns[0].user.slice(0, 60)) || "New chat";
 
   const settings = load(SETTINGS_KEY, {});
   const saveSettings = () => {
@@ -45,6 +150,12 @@
     values.compare = $("compare").checked;
     localStorage.setItem(SETTINGS_KEY, JSON.stringify(values));
   };
+
+  const apiKey = () => sessionStorage.getItem(KEY_KEY) || "";
+  const authHeaders = () => (apiKey() ? { Authorization: `Bearer ${apiKey()}` } : {});
+  // The key goes to the WebSocket as a subprotocol (base64url), never in the URL.
+  const b64url = (text) =>
+    btoa(String.fromCharCode(...new TextEncoder().encode(text))).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
 
   // ----- transports: WebSocket first, SSE as the fallback -----
 
@@ -60,7 +171,8 @@
       if (this.socket && this.socket.readyState === WebSocket.OPEN) return Promise.resolve();
       if (this.opening) return this.opening;
       this.opening = new Promise((resolve, reject) => {
-        const socket = new WebSocket(this.url);
+        const key = apiKey();
+        const socket = key ? new WebSocket(this.url, ["llmis.v1", `llmis.bearer.${b64url(key)}`]) : new WebSocket(this.url);
         let opened = false;
         socket.onopen = () => {
           opened = true;
@@ -82,6 +194,10 @@
         socket.onmessage = (event) => this.dispatch(JSON.parse(event.data));
       });
       return this.opening;
+    }
+
+    close() {
+      if (this.socket) this.socket.close();
     }
 
     dispatch(event) {
@@ -113,6 +229,8 @@
       this.controllers = new Map();
     }
 
+    close() {}
+
     async chat(id, body, handlers) {
       const controller = new AbortController();
       this.controllers.set(id, controller);
@@ -121,7 +239,7 @@
       try {
         const response = await fetch("/v1/chat/completions", {
           method: "POST",
-          headers: { "Content-Type": "application/json" },
+          headers: { "Content-Type": "application/json", ...authHeaders() },
           body: JSON.stringify({ ...body, stream: true, stream_options: { include_usage: true } }),
           signal: controller.signal,
         });
@@ -185,6 +303,7 @@
   };
 
   async function pickTransport() {
+    if (transport) transport.close();
     if (!forceSse && "WebSocket" in window) {
       const socket = new SocketTransport(wsUrl);
       try {
@@ -198,7 +317,7 @@
     setTransport(new SseTransport(), "SSE");
   }
 
-  // ----- rendering (textContent only) -----
+  // ----- rendering -----
 
   const STATUS_TEXT = {
     streaming: "generating…",
@@ -210,38 +329,152 @@
     error: "error",
   };
 
-  function renderReply(reply) {
+  const trimText = (n) => `Context full: the server left out the ${n} oldest message(s) of this conversation for this reply.`;
+
+  function statsText(reply) {
+    const s = reply.stats;
+    if (!s) return "";
+    const parts = [`${s.tokens} tokens`];
+    if (s.tps != null) parts.push(`${s.tps.toFixed(1)} tok/s`);
+    if (s.ttft_ms != null) parts.push(`TTFT ${Math.round(s.ttft_ms)} ms`);
+    return parts.join(" · ");
+  }
+
+  let renderQueued = new Set();
+  function scheduleRender(reply) {
+    renderQueued.add(reply);
+    if (renderQueued.size > 1) return;
+    requestAnimationFrame(() => {
+      const replies = renderQueued;
+      renderQueued = new Set();
+      for (const r of replies) if (r.view) renderMarkdown(r.view.content, r.content);
+      $("log").scrollTop = $("log").scrollHeight;
+    });
+  }
+
+  function renderReply(reply, turnIndex, column) {
     const box = el("article", "reply");
     box.dataset.model = reply.model;
     box.dataset.status = reply.status;
     const head = el("header", "reply-head");
     head.append(el("span", "reply-model", reply.model), el("span", "reply-status", STATUS_TEXT[reply.status] || reply.status));
-    const content = el("div", "content", reply.content);
+    const content = el("div", "content");
+    renderMarkdown(content, reply.content || "");
+    const footer = el("footer", "reply-foot");
+    const stats = el("span", "reply-stats", statsText(reply));
+    const regen = el("button", "regenerate", "Regenerate");
+    regen.type = "button";
+    regen.title = "Ask for this reply again";
+    regen.addEventListener("click", () => regenerate(turnIndex, column));
+    footer.append(stats, regen);
     box.append(head, content);
-    if (reply.trimmed) {
-      box.append(
-        el("p", "trim-notice", `Context full: the server left out the ${reply.trimmed} oldest message(s) of this conversation for this reply.`),
-      );
-    }
+    if (reply.trimmed) box.append(el("p", "trim-notice", trimText(reply.trimmed)));
     if (reply.error) box.append(el("p", "error", reply.error));
-    reply.view = { box, content, status: head.lastChild };
+    box.append(footer);
+    reply.view = { box, content, status: head.lastChild, stats };
     return box;
   }
 
-  function renderTurn(turn) {
+  function renderTurn(turn, index) {
     const node = el("section", "turn");
-    node.append(el("div", "user", turn.user));
+    const user = el("div", "user-row");
+    const edit = el("button", "edit", "Edit");
+    edit.type = "button";
+    edit.title = "Edit this message and send it again";
+    edit.addEventListener("click", () => startEdit(index));
+    user.append(edit, el("div", "user", turn.user));
+    node.append(user);
     const replies = el("div", turn.replies.length > 1 ? "replies compare" : "replies");
-    for (const reply of turn.replies) replies.append(renderReply(reply));
+    turn.replies.forEach((reply, column) => replies.append(renderReply(reply, index, column)));
     node.append(replies);
     return node;
   }
 
   function renderAll() {
+    const conv = current();
     const log = $("log");
-    log.replaceChildren(...history.turns.map(renderTurn));
-    if (!history.turns.length) log.append(el("p", "empty", "No messages yet. Pick a model and say something."));
+    log.replaceChildren(...conv.turns.map(renderTurn));
+    if (!conv.turns.length) log.append(el("p", "empty", "No messages yet. Pick a model and say something."));
     log.scrollTop = log.scrollHeight;
+    renderList();
+  }
+
+  function renderList() {
+    const query = $("chat-search").value.trim().toLowerCase();
+    const items = [];
+    for (const conv of store.list) {
+      const title = titleOf(conv);
+      const haystack = [title, ...conv.turns.flatMap((t) => [t.user, ...t.replies.map((r) => r.content)])].join("\n").toLowerCase();
+      if (query && !haystack.includes(query)) continue;
+      const li = el("li", conv.id === store.current ? "chat-item current" : "chat-item");
+      li.dataset.id = conv.id;
+      const open = el("button", "chat-open", title);
+      open.type = "button";
+      open.addEventListener("click", () => switchTo(conv.id));
+      const rename = el("button", "chat-rename", "✎");
+      rename.type = "button";
+      rename.title = "Rename";
+      rename.setAttribute("aria-label", `Rename ${title}`);
+      rename.addEventListener("click", () => startRename(li, conv));
+      const del = el("button", "chat-delete", "×");
+      del.type = "button";
+      del.title = "Delete";
+      del.setAttribute("aria-label", `Delete ${title}`);
+      del.addEventListener("click", () => deleteConversation(conv.id));
+      li.append(open, rename, del);
+      items.push(li);
+    }
+    $("chat-list").replaceChildren(...items);
+  }
+
+  function startRename(li, conv) {
+    const input = el("input", "chat-title-input");
+    input.value = titleOf(conv);
+    input.setAttribute("aria-label", "Conversation title");
+    li.replaceChildren(input);
+    input.focus();
+    input.select();
+    let done = false;
+    const finish = (save) => {
+      if (done) return;
+      done = true;
+      if (save && input.value.trim()) conv.title = input.value.trim();
+      saveStore();
+      renderList();
+    };
+    input.addEventListener("keydown", (event) => {
+      if (event.key === "Enter") finish(true);
+      else if (event.key === "Escape") finish(false);
+    });
+    input.addEventListener("blur", () => finish(true));
+  }
+
+  function switchTo(id) {
+    if (pending.size) stop();
+    store.current = id;
+    cancelEdit();
+    saveStore();
+    renderAll();
+    document.body.classList.remove("chats-open");
+  }
+
+  function deleteConversation(id) {
+    if (id === store.current && pending.size) stop();
+    store.list = store.list.filter((c) => c.id !== id);
+    if (store.current === id) store.current = store.list[0] ? store.list[0].id : null;
+    saveStore();
+    renderAll();
+  }
+
+  function exportConversations() {
+    const plain = JSON.stringify({ exported: new Date().toISOString(), conversations: store.list }, (key, value) => (key === "view" ? undefined : value), 2);
+    const link = el("a");
+    link.href = URL.createObjectURL(new Blob([plain], { type: "application/json" }));
+    link.download = "llmis-conversations.json";
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(link.href), 1000);
   }
 
   const setStatus = (reply, status) => {
@@ -256,12 +489,19 @@
 
   const pending = new Map(); // id -> reply
   let nextId = 1;
+  let editing = null; // index of the turn being edited
 
   function updateBusy() {
     const busy = pending.size > 0;
     $("stop").disabled = !busy;
     $("send").disabled = busy;
     document.body.dataset.busy = busy ? "true" : "false";
+  }
+
+  function showError(message) {
+    const box = $("composer-error");
+    box.textContent = message;
+    box.hidden = !message;
   }
 
   function parameters() {
@@ -273,78 +513,153 @@
     const maxTokens = parseInt($("max_tokens").value, 10);
     if (!Number.isNaN(maxTokens)) body.max_tokens = maxTokens;
     const extra = $("extra").value.trim();
-    if (extra) Object.assign(body, JSON.parse(extra)); // a JSON error is shown to the user
+    if (extra) {
+      let parsed;
+      try {
+        parsed = JSON.parse(extra);
+      } catch (error) {
+        throw new Error(`The extra request fields are not valid JSON: ${error.message}`);
+      }
+      if (!parsed || typeof parsed !== "object" || Array.isArray(parsed)) {
+        throw new Error("The extra request fields must be a JSON object.");
+      }
+      Object.assign(body, parsed);
+    }
     return body;
   }
 
   // The conversation as model ``column`` saw it: its own earlier replies, else the first column's.
-  function messagesFor(column, upTo) {
+  function messagesFor(turns, column, upTo) {
     const messages = [];
     const system = $("system").value.trim();
     if (system) messages.push({ role: "system", content: system });
-    for (const turn of history.turns.slice(0, upTo)) {
+    for (const turn of turns.slice(0, upTo)) {
       messages.push({ role: "user", content: turn.user });
       const reply = turn.replies[column] || turn.replies[0];
       if (reply && reply.content) messages.push({ role: "assistant", content: reply.content });
     }
-    messages.push({ role: "user", content: history.turns[upTo].user });
+    messages.push({ role: "user", content: turns[upTo].user });
     return messages;
   }
 
-  async function send(text) {
+  function run(conv, index, column, params) {
+    const turn = conv.turns[index];
+    const reply = turn.replies[column];
+    const id = `c${Date.now().toString(36)}-${nextId++}`;
+    pending.set(id, reply);
+    const sent = performance.now();
+    let first = null;
+    const finish = () => {
+      pending.delete(id);
+      conv.updated = Date.now();
+      saveStore();
+      updateBusy();
+    };
+    const body = { ...params, model: reply.model, messages: messagesFor(conv.turns, column, index) };
+    transport
+      .chat(id, body, {
+        onDelta(text) {
+          if (first === null) first = performance.now();
+          reply.content += text;
+          scheduleRender(reply);
+        },
+        onDone(event) {
+          const end = performance.now();
+          const tokens = event.usage ? event.usage.completion_tokens : null;
+          if (tokens != null) {
+            const genSeconds = first === null ? null : (end - first) / 1000;
+            reply.stats = {
+              tokens,
+              tps: genSeconds && tokens > 1 ? (tokens - 1) / genSeconds : null,
+              ttft_ms: first === null ? null : first - sent,
+            };
+            if (reply.view) reply.view.stats.textContent = statsText(reply);
+          }
+          if (event.trimmed) {
+            reply.trimmed = event.trimmed;
+            if (reply.view) reply.view.box.insertBefore(el("p", "trim-notice", trimText(event.trimmed)), reply.view.box.lastChild);
+          }
+          if (reply.view) renderMarkdown(reply.view.content, reply.content);
+          setStatus(reply, event.finish_reason || "stop");
+          finish();
+        },
+        onError(error) {
+          reply.error = error.message || "unknown error";
+          if (reply.view) reply.view.box.insertBefore(el("p", "error", reply.error), reply.view.box.lastChild);
+          setStatus(reply, "error");
+          finish();
+        },
+      })
+      .catch((error) => {
+        reply.error = String(error.message || error);
+        setStatus(reply, "error");
+        finish();
+      });
+  }
+
+  // Returns false (and keeps the typed text) when the message cannot be sent.
+  function send(text) {
     let params;
     try {
       params = parameters();
     } catch (error) {
-      alert(`The extra request fields are not valid JSON: ${error.message}`);
-      return;
+      showError(error.message);
+      return false;
+    }
+    if (!$("model").value) {
+      showError(document.body.dataset.authRequired === "true" && !apiKey() ? "Enter the API key (Settings) to load the models." : "No model to send to.");
+      return false;
+    }
+    showError("");
+    const conv = current();
+    if (editing !== null) {
+      conv.turns.splice(editing);
+      cancelEdit();
     }
     const models = [$("model").value];
-    if ($("compare").checked) models.push($("model2").value);
+    if ($("compare").checked && $("model2").value) models.push($("model2").value);
     const turn = { user: text, replies: models.map((model) => ({ model, content: "", status: "streaming" })) };
-    history.turns.push(turn);
-    const index = history.turns.length - 1;
-    saveHistory();
+    conv.turns.push(turn);
+    const index = conv.turns.length - 1;
+    saveStore();
     renderAll();
-    turn.replies.forEach((reply, column) => {
-      const id = `c${Date.now().toString(36)}-${nextId++}`;
-      pending.set(id, reply);
-      const finish = () => {
-        pending.delete(id);
-        saveHistory();
-        updateBusy();
-      };
-      const body = { ...params, model: reply.model, messages: messagesFor(column, index) };
-      transport
-        .chat(id, body, {
-          onDelta(text) {
-            reply.content += text;
-            if (reply.view) reply.view.content.textContent = reply.content;
-            $("log").scrollTop = $("log").scrollHeight;
-          },
-          onDone(event) {
-            reply.usage = event.usage || null;
-            if (event.trimmed) {
-              reply.trimmed = event.trimmed;
-              reply.view.box.append(el("p", "trim-notice", `Context full: the server left out the ${event.trimmed} oldest message(s) of this conversation for this reply.`));
-            }
-            setStatus(reply, event.finish_reason || "stop");
-            finish();
-          },
-          onError(error) {
-            reply.error = error.message || "unknown error";
-            if (reply.view) reply.view.box.append(el("p", "error", reply.error));
-            setStatus(reply, "error");
-            finish();
-          },
-        })
-        .catch((error) => {
-          reply.error = String(error.message || error);
-          setStatus(reply, "error");
-          finish();
-        });
-    });
+    turn.replies.forEach((_, column) => run(conv, index, column, params));
     updateBusy();
+    return true;
+  }
+
+  function regenerate(index, column) {
+    if (pending.size) return;
+    let params;
+    try {
+      params = parameters();
+    } catch (error) {
+      showError(error.message);
+      return;
+    }
+    showError("");
+    const conv = current();
+    const turn = conv.turns[index];
+    conv.turns.splice(index + 1); // later turns were answers to the old reply
+    const model = turn.replies[column].model;
+    turn.replies[column] = { model, content: "", status: "streaming" };
+    saveStore();
+    renderAll();
+    run(conv, index, column, params);
+    updateBusy();
+  }
+
+  function startEdit(index) {
+    if (pending.size) return;
+    editing = index;
+    $("prompt").value = current().turns[index].user;
+    $("editing").hidden = false;
+    $("prompt").focus();
+  }
+
+  function cancelEdit() {
+    editing = null;
+    $("editing").hidden = true;
   }
 
   function stop() {
@@ -354,21 +669,40 @@
     }
   }
 
-  // The model list is rendered by the server; keep its states fresh while the page is open.
+  // The model list: the server renders it; /v1/models keeps it fresh (and fills it when the
+  // server needs a key). Embedding models are left out; presets get their own group.
   async function refreshModels() {
     try {
-      const response = await fetch("/v1/models");
+      const response = await fetch("/v1/models", { headers: authHeaders() });
       if (!response.ok) return;
       const { data } = await response.json();
-      const states = new Map(data.map((m) => [m.id, m.state]));
+      const chat = data.filter((m) => !m.embedding && !m.preset);
+      const presets = data.filter((m) => m.preset);
       for (const select of [$("model"), $("model2")]) {
-        for (const option of select.options) {
-          const state = states.get(option.value);
-          if (state) {
-            option.dataset.state = state;
-            option.textContent = `${option.value} · ${state}`;
+        const chosen = select.value || settings[select.id];
+        const options = chat.map((m) => {
+          const option = el("option", "", `${m.id} · ${m.state}`);
+          option.value = m.id;
+          option.dataset.state = m.state;
+          if (m.context_length) option.dataset.ctx = m.context_length;
+          return option;
+        });
+        const children = [...options];
+        if (presets.length) {
+          const group = el("optgroup");
+          group.label = "Presets";
+          for (const m of presets) {
+            const option = el("option", "", `${m.id} (preset)`);
+            option.value = m.id;
+            option.dataset.preset = "true";
+            if (m.description) option.title = m.description;
+            group.append(option);
           }
+          children.push(group);
         }
+        select.replaceChildren(...children);
+        if ([...select.options].some((o) => o.value === chosen)) select.value = chosen;
+        else if (select.id === "model2" && select.options.length > 1) select.selectedIndex = 1;
       }
     } catch {
       // offline or restarting: keep the last known states
@@ -388,8 +722,19 @@
     $("model2").disabled = !$("compare").checked;
   }
 
-  document.addEventListener("DOMContentLoaded", () => {
+  function toggleDrawer(name, open) {
+    const cls = `${name}-open`;
+    const show = open ?? !document.body.classList.contains(cls);
+    document.body.classList.toggle(cls, show);
+    const button = $(`${name}-toggle`);
+    if (button) button.setAttribute("aria-expanded", String(show));
+  }
+
+  document.addEventListener("DOMContentLoaded", async () => {
+    $("api-key").value = apiKey();
+    await refreshModels();
     restoreSettings();
+    current();
     renderAll();
     updateBusy();
     pickTransport();
@@ -398,26 +743,43 @@
       $("model2").disabled = !$("compare").checked;
       saveSettings();
     });
+    $("api-key").addEventListener("change", async () => {
+      sessionStorage.setItem(KEY_KEY, $("api-key").value.trim());
+      await refreshModels();
+      restoreSettings();
+      pickTransport();
+    });
     $("composer").addEventListener("submit", (event) => {
       event.preventDefault();
       const text = $("prompt").value.trim();
       if (!text || pending.size || !transport) return;
-      $("prompt").value = "";
-      send(text);
+      if (send(text)) $("prompt").value = ""; // kept when it could not be sent
     });
     $("prompt").addEventListener("keydown", (event) => {
       if (event.key === "Enter" && !event.shiftKey) {
         event.preventDefault();
         $("composer").requestSubmit();
+      } else if (event.key === "Escape" && editing !== null) {
+        cancelEdit();
       }
     });
+    $("cancel-edit").addEventListener("click", cancelEdit);
     $("stop").addEventListener("click", stop);
     $("new-chat").addEventListener("click", () => {
-      stop();
-      history.turns = [];
-      saveHistory();
+      if (pending.size) stop();
+      const conv = newConversation();
+      store.list.unshift(conv);
+      store.current = conv.id;
+      cancelEdit();
+      saveStore();
       renderAll();
+      document.body.classList.remove("chats-open");
     });
+    $("chat-search").addEventListener("input", renderList);
+    $("export-chats").addEventListener("click", exportConversations);
+    $("settings-toggle").addEventListener("click", () => toggleDrawer("settings"));
+    $("settings-close").addEventListener("click", () => toggleDrawer("settings", false));
+    $("chats-toggle").addEventListener("click", () => toggleDrawer("chats"));
     setInterval(refreshModels, 10000);
   });
 })();
