@@ -57,6 +57,14 @@ if [ -n "${EMBED_MODEL:-}" ]; then
   post /v1/embeddings '{"model": "'"$EMBED_MODEL"'", "input": ["first text", "second text"]}'
 fi
 
+echo "## the Responses API (stateless)"
+post /v1/responses '{"model": "'"$MODEL"'", "input": "Say hello.", "max_output_tokens": 16}'
+
+echo "## the simple routes: GET /models, POST /load, POST /infer (add ?stream=true for SSE)"
+get /models
+post /load '{"model": "'"$MODEL"'"}'
+post /infer '{"model": "'"$MODEL"'", "prompt": "The sky is", "max_tokens": 8}'
+
 echo "## Ollama's API: models, a chat (NDJSON lines, one per token; stream false for one object)"
 get /api/tags
 get /api/version

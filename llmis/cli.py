@@ -79,7 +79,7 @@ def _config_path(args: argparse.Namespace) -> Path | None:
             "(models from ./models). Pass --config FILE to use one.",
             file=sys.stderr,
         )
-    else:
+    elif getattr(args, "command", None) != "chat":  # `echo hi | llmis chat` stays clean
         print(f"llmis: using the config {found}", file=sys.stderr)
     return found
 

@@ -74,4 +74,4 @@ def family_error_body(
 
 def error_for(family: Family, exc: APIError) -> dict[str, Any]:
     """``exc`` as ``family`` shapes its errors."""
-    return family_error_body(family, exc.status, exc.message, exc.type, exc.param, exc.code)
+    return family_error_body(family, exc.status, exc.message, exc.error_type, exc.param, exc.code)

@@ -111,15 +111,13 @@ async def plan_chat(
     app: web.Application, body: Any
 ) -> tuple[ChatCompletionRequest, TaskPlan | None]:
     """Validate a chat body; when its model is a preset, rewrite it and plan the task."""
-    model_id = body.get("model") if isinstance(body, dict) else None
-    if not isinstance(model_id, str) or not model_id:
-        return ChatCompletionRequest.model_validate(body), None
+    request = ChatCompletionRequest.model_validate(body)  # the fields, as for any model
+    model_id = request.model
     manager = app[MANAGER]
     found = app[PRESETS].lookup(model_id, manager)
     if found is None:
-        return ChatCompletionRequest.model_validate(body), None
+        return request, None
     preset, model = found
-    ChatCompletionRequest.model_validate(body)  # the request's own fields, as for a model
     options = TaskOptions.model_validate(body)
     data: dict[str, Any] = {**body, "model": model}
     for key in _SAMPLING:

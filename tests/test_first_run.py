@@ -228,7 +228,7 @@ def test_help_is_clean_for_the_command_and_every_subcommand(
 async def test_each_websocket_chat_gets_an_access_line_and_a_count(
     ops_server: RunningServer,
 ) -> None:
-    labels = {"endpoint": "/v1/ws", "model_name": "smollm2", "status": "200"}
+    labels = {"api": "openai", "endpoint": "/v1/ws", "model_name": "smollm2", "status": "200"}
     before = sample(await scrape(ops_server, OPS_USER_KEY), "llmis:requests_total", **labels)
     async with (
         aiohttp.ClientSession() as session,
