@@ -163,10 +163,6 @@ def test_errors_have_ollamas_shape(client: ollama.Client, ollama_server: Running
     with pytest.raises(ollama.ResponseError) as err:
         client.show("nope")
     assert err.value.status_code == 404
-    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    with pytest.raises(ollama.ResponseError) as err:
-        client.chat(model="smollm2", messages=PROMPT, tools=[tool])
-    assert err.value.status_code == 400 and "tool" in err.value.error
     with pytest.raises(ollama.ResponseError) as err:
         client.chat(model="smollm2", messages=PROMPT, options={"temperature": 9})
     assert err.value.status_code == 400 and "options.temperature" in err.value.error

@@ -51,6 +51,7 @@ from llmis.serving import Generation, start_chat, start_completion
 from llmis.splits import split_part_paths
 from llmis.sse import within
 from llmis.state import MANAGER, SETTINGS
+from llmis.toolcalls import ContentPiece, OutputParser, Piece
 
 __all__ = ["OLLAMA_API_VERSION", "NdjsonStream", "routes"]
 
@@ -317,15 +318,18 @@ async def _generate(
     try:
         if stream:
             return await _stream(request, generation, is_chat, clock)
-        text: list[str] = []
+        parser = generation.parser()
         async for event in generation.events(generation.jobs[0]):
             if isinstance(event, Delta):
                 clock.tick()
-                text.append(event.text)
+                parser.feed(event.text)
             elif isinstance(event, Failed):
                 raise event.error
             elif isinstance(event, Finished):
-                body = _piece(generation.model, is_chat, "".join(text), done=True)
+                parser.finish()
+                calls = ollama_tool_calls(parser)
+                content = "" if calls and not parser.content.strip() else parser.content
+                body = _piece(generation.model, is_chat, content, done=True, tool_calls=calls)
                 body.update(clock.final(event))
                 return web.json_response(body)
         raise APIError("generation ended without a result")
@@ -334,10 +338,33 @@ async def _generate(
         _keep_alive(manager, generation.model, keep_alive)
 
 
-def _piece(model: str, is_chat: bool, text: str, *, done: bool) -> dict[str, Any]:
+def ollama_tool_calls(parser: OutputParser) -> list[dict[str, Any]] | None:
+    """``message.tool_calls`` as Ollama sends them: ``arguments`` an object, not a string."""
+    if not parser.calls:
+        return None
+    out = []
+    for call in parser.calls:
+        try:
+            arguments = json.loads(call.arguments) if call.arguments.strip() else {}
+        except ValueError:
+            arguments = {}  # never sent: the grammar or the parser keeps arguments JSON
+        out.append({"function": {"name": call.name, "arguments": arguments}})
+    return out
+
+
+def _piece(
+    model: str,
+    is_chat: bool,
+    text: str,
+    *,
+    done: bool,
+    tool_calls: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "created_at": _timestamp()}
     if is_chat:
         body["message"] = {"role": "assistant", "content": text}
+        if tool_calls:
+            body["message"]["tool_calls"] = tool_calls
     else:
         body["response"] = text
     body["done"] = done
@@ -350,11 +377,19 @@ async def _stream(
     out = NdjsonStream(request)
     try:
         await out.prepare()
+        parser = generation.parser()
         async for event in generation.events(generation.jobs[0]):
             if isinstance(event, Delta):
                 clock.tick()
-                await out.send(_piece(generation.model, is_chat, event.text, done=False))
+                text = _content(parser.feed(event.text))
+                if text:
+                    await out.send(_piece(generation.model, is_chat, text, done=False))
             elif isinstance(event, Finished):
+                text = _content(parser.finish())
+                calls = ollama_tool_calls(parser)
+                if text or calls:  # as Ollama: the calls in one line, once complete
+                    piece = _piece(generation.model, is_chat, text, done=False, tool_calls=calls)
+                    await out.send(piece)
                 final = _piece(generation.model, is_chat, "", done=True)
                 final.update(clock.final(event))
                 await out.send(final)
@@ -364,6 +399,11 @@ async def _stream(
     except ConnectionResetError:
         pass  # the client left; the caller cancels the job
     return out.response
+
+
+def _content(pieces: list[Piece]) -> str:
+    """The content text of ``pieces`` (tool calls go out whole, at the end)."""
+    return "".join(p.text for p in pieces if isinstance(p, ContentPiece))
 
 
 # ----- embeddings -----

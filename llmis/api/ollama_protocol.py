@@ -14,6 +14,7 @@ ignores unknown ones.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal
 
@@ -165,18 +166,24 @@ class _Generating(LenientModel):
         return keep_alive_seconds(self.keep_alive)
 
 
-def _tools_later(value: list[Any] | None, what: str) -> list[Any] | None:
-    """Tool calling is not available yet: refuse rather than answer without the tools."""
-    if value:
-        raise ValueError(f"{what} are not supported by this server yet (tool calling)")
-    return value
+class OllamaFunctionCall(LenientModel):
+    name: str = Field(min_length=1, max_length=256)
+    arguments: dict[str, Any] | str = Field(default_factory=dict)
+
+
+class OllamaToolCall(LenientModel):
+    """A call in an assistant message of the history: ``{"function": {"name", "arguments"}}``
+    with ``arguments`` an object (a JSON string is taken too)."""
+
+    function: OllamaFunctionCall
 
 
 class OllamaMessage(LenientModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[OllamaToolCall] | None = None
+    tool_name: str | None = Field(default=None, max_length=256)
     thinking: str | None = None
 
     @field_validator("images")
@@ -186,24 +193,52 @@ class OllamaMessage(LenientModel):
             raise ValueError("images are not supported: the models this server runs read text")
         return value
 
-    @field_validator("tool_calls")
-    @classmethod
-    def _no_tool_calls(cls, value: list[Any] | None) -> list[Any] | None:
-        return _tools_later(value, "tool_calls")
+
+def _openai_messages(messages: list[OllamaMessage]) -> list[dict[str, Any]]:
+    """Ollama's history as OpenAI messages: calls get ids (Ollama has none), and a ``tool``
+    message answers the oldest unanswered call (of its ``tool_name``, if given)."""
+    out: list[dict[str, Any]] = []
+    pending: list[tuple[str, str]] = []  # (id, name) of calls not answered yet
+    for m in messages:
+        message: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.role == "assistant" and m.tool_calls:
+            calls: list[dict[str, Any]] = []
+            for call in m.tool_calls:
+                args = call.function.arguments
+                call_id = f"call_{len(out)}_{len(calls)}"
+                calls.append(
+                    {
+                        "id": call_id,
+                        "type": "function",
+                        "function": {
+                            "name": call.function.name,
+                            "arguments": args if isinstance(args, str) else json.dumps(args),
+                        },
+                    }
+                )
+                pending.append((call_id, call.function.name))
+            message["tool_calls"] = calls
+        elif m.role == "tool":
+            match = next((p for p in pending if m.tool_name in (None, p[1])), None)
+            if match is not None:
+                pending.remove(match)
+                message["tool_call_id"] = match[0]
+            name = m.tool_name or (match[1] if match is not None else None)
+            if name is not None:
+                message["name"] = name
+        out.append(message)
+    return out
 
 
 class OllamaChatRequest(_Generating):
     messages: list[OllamaMessage] = Field(default_factory=list)
     tools: list[Any] | None = None
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
-        return _tools_later(value, "tools")
-
     def to_openai(self) -> ChatCompletionRequest:
         body = self._openai_fields()
-        body["messages"] = [{"role": m.role, "content": m.content} for m in self.messages]
+        body["messages"] = _openai_messages(self.messages)
+        if self.tools:
+            body["tools"] = self.tools
         request: ChatCompletionRequest = validate_as(ChatCompletionRequest, body, _PARAMS)
         return request
 
