@@ -105,9 +105,10 @@ def test_errors(client: anthropic.Anthropic) -> None:
             max_tokens=4,
             messages=MESSAGES,
             tools=[{"name": "f", "input_schema": {"type": "object"}}],
+            tool_choice={"type": "tool", "name": "g"},
         )
     assert bad.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
-    assert "tool" in bad.value.body["error"]["message"]  # type: ignore[index]
+    assert "tool_choice" in bad.value.body["error"]["message"]  # type: ignore[index]
     with pytest.raises(anthropic.BadRequestError):
         client.messages.create(
             model="smollm2", max_tokens=4, messages=MESSAGES, extra_body={"temperature": 1.5}

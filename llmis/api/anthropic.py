@@ -13,6 +13,7 @@ stream started is an ``error`` event.
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -26,6 +27,7 @@ from llmis.protocol import compile_grammar
 from llmis.serving import Generation, count_chat_tokens, start_chat
 from llmis.sse import EventStream
 from llmis.state import MANAGER, SETTINGS
+from llmis.toolcalls import ContentPiece, OutputParser, Piece
 
 __all__ = ["routes", "stop_reason"]
 
@@ -43,10 +45,32 @@ def stop_reason(event: Finished, stop_sequences: list[str] | None) -> tuple[str,
     return "end_turn", None  # end of generation, or the chat template's own end marker
 
 
+def _input(arguments: str) -> dict[str, Any]:
+    """A call's ``input`` object (the grammar or the parser keeps arguments a JSON object)."""
+    try:
+        value = json.loads(arguments) if arguments.strip() else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _blocks(parser: OutputParser) -> list[dict[str, Any]]:
+    """The answer's content blocks: its text (unless only blank beside calls), then calls."""
+    content = parser.content
+    blocks: list[dict[str, Any]] = []
+    if content.strip() or not parser.calls:
+        blocks.append({"type": "text", "text": content})
+    for call in parser.calls:
+        blocks.append(
+            {"type": "tool_use", "id": call.id, "name": call.name, "input": _input(call.arguments)}
+        )
+    return blocks
+
+
 def _message(
     id_: str,
     model: str,
-    text: str | None,
+    content: list[dict[str, Any]],
     reason: tuple[str, str | None] | None,
     input_tokens: int,
     output_tokens: int,
@@ -56,7 +80,7 @@ def _message(
         "type": "message",
         "role": "assistant",
         "model": model,
-        "content": [] if text is None else [{"type": "text", "text": text}],
+        "content": content,
         "stop_reason": reason[0] if reason else None,
         "stop_sequence": reason[1] if reason else None,
         "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
@@ -81,11 +105,16 @@ async def messages(request: web.Request) -> web.StreamResponse:
             result.cached_tokens,
             result.stop_sequence,
         )
+        parser = generation.parser()
+        parser.feed(result.text)
+        parser.finish()
         reason = stop_reason(done, req.stop_sequences)
+        if parser.calls and result.finish_reason == "stop":
+            reason = ("tool_use", None)
         body = _message(
             id_,
             generation.model,
-            result.text,
+            _blocks(parser),
             reason,
             result.prompt_tokens,
             result.completion_tokens,
@@ -104,28 +133,23 @@ async def _stream(
     input_tokens = len(job.prompt)
     try:
         await sse.prepare()
-        start = _message(id_, generation.model, None, None, input_tokens, 0)
+        start = _message(id_, generation.model, [], None, input_tokens, 0)
         await sse.send_event("message_start", {"type": "message_start", "message": start})
-        block = {"type": "text", "text": ""}
-        await sse.send_event(
-            "content_block_start",
-            {"type": "content_block_start", "index": 0, "content_block": block},
-        )
+        blocks = _Blocks(sse, eager_text=not req.tools)
+        await blocks.begin()
         await sse.send_event("ping", {"type": "ping"})
+        parser = generation.parser()
         async for event in generation.events(job, server.keepalive_seconds):
             if event is None:
                 await sse.send_event("ping", {"type": "ping"})
             elif isinstance(event, Delta):
-                delta = {"type": "text_delta", "text": event.text}
-                await sse.send_event(
-                    "content_block_delta",
-                    {"type": "content_block_delta", "index": 0, "delta": delta},
-                )
+                await blocks.send(parser.feed(event.text))
             elif isinstance(event, Finished):
+                await blocks.send(parser.finish())
+                await blocks.close()
                 reason, sequence = stop_reason(event, req.stop_sequences)
-                await sse.send_event(
-                    "content_block_stop", {"type": "content_block_stop", "index": 0}
-                )
+                if parser.calls and event.finish_reason == "stop":
+                    reason, sequence = "tool_use", None
                 await sse.send_event(
                     "message_delta",
                     {
@@ -141,6 +165,70 @@ async def _stream(
     except ConnectionResetError:
         pass  # the client left; the caller cancels the job
     return sse.response
+
+
+class _Blocks:
+    """The stream's content blocks: text deltas, then each call as a ``tool_use`` block whose
+    arguments go out as ``input_json_delta`` pieces. ``eager_text``: the text block opens at
+    once (no tools: every answer is text); with tools it opens on the first text."""
+
+    def __init__(self, sse: EventStream, *, eager_text: bool) -> None:
+        self.sse = sse
+        self.eager_text = eager_text
+        self.index = -1
+        self.open_kind: str | None = None
+
+    async def _start(self, block: dict[str, Any]) -> None:
+        await self._stop()
+        self.index += 1
+        self.open_kind = block["type"]
+        await self.sse.send_event(
+            "content_block_start",
+            {"type": "content_block_start", "index": self.index, "content_block": block},
+        )
+
+    async def _delta(self, delta: dict[str, Any]) -> None:
+        await self.sse.send_event(
+            "content_block_delta",
+            {"type": "content_block_delta", "index": self.index, "delta": delta},
+        )
+
+    async def begin(self) -> None:
+        if self.eager_text:
+            await self._start({"type": "text", "text": ""})
+
+    async def send(self, pieces: list[Piece]) -> None:
+        for piece in pieces:
+            if isinstance(piece, ContentPiece):
+                if not piece.text or (self.open_kind != "text" and not piece.text.strip()):
+                    continue  # no block for blank text between calls
+                if self.open_kind != "text":
+                    await self._start({"type": "text", "text": ""})
+                await self._delta({"type": "text_delta", "text": piece.text})
+                continue
+            if piece.name is not None:
+                block: dict[str, Any] = {
+                    "type": "tool_use",
+                    "id": piece.id,
+                    "name": piece.name,
+                    "input": {},
+                }
+                await self._start(block)
+            if piece.arguments:
+                await self._delta({"type": "input_json_delta", "partial_json": piece.arguments})
+
+    async def close(self) -> None:
+        """Close the open block at the end (an empty text block if there was none)."""
+        if self.index < 0:
+            await self._start({"type": "text", "text": ""})
+        await self._stop()
+
+    async def _stop(self) -> None:
+        if self.open_kind is not None:
+            await self.sse.send_event(
+                "content_block_stop", {"type": "content_block_stop", "index": self.index}
+            )
+            self.open_kind = None
 
 
 @routes.post("/v1/messages/count_tokens")
