@@ -45,10 +45,10 @@ def test_any_gives_a_valid_tool_use(client: anthropic.Anthropic) -> None:
         max_tokens=150,
         messages=ASK_WEATHER,
         tools=ANTHROPIC_TOOLS,
-        tool_choice=ANY,
+        tool_choice={"type": "any", "disable_parallel_tool_use": True},
     )
     assert out.stop_reason == "tool_use"
-    assert len(tool_uses(out)) >= 1
+    assert len(tool_uses(out)) == 1
 
 
 def test_named_tool_choice(client: anthropic.Anthropic) -> None:
@@ -117,3 +117,30 @@ def test_multi_turn_with_a_tool_result(client: anthropic.Anthropic) -> None:
     tool_uses(out)
     counted = client.messages.count_tokens(model="smollm2", messages=messages)
     assert counted.input_tokens > 10
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"tools": [{"name": "bad name!", "input_schema": {"type": "object"}}]},
+        {"tools": [{"name": "f"}]},
+        {"tools": ANTHROPIC_TOOLS, "tool_choice": {"type": "maybe"}},
+        {"tools": ANTHROPIC_TOOLS, "tool_choice": {"type": "tool"}},
+    ],
+)
+def test_bad_tools_are_400(client: anthropic.Anthropic, extra: dict[str, Any]) -> None:
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        client.messages.create(
+            model="smollm2", max_tokens=4, messages=ASK_WEATHER, extra_body=extra
+        )
+    assert bad.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+
+
+def test_unanswered_or_unknown_results_do_not_fail(client: anthropic.Anthropic) -> None:
+    result = {"type": "tool_result", "tool_use_id": "toolu_unknown", "content": "42"}
+    out = client.messages.create(
+        model="smollm2",
+        max_tokens=4,
+        messages=[{"role": "user", "content": [result, {"type": "text", "text": "Hi"}]}],  # type: ignore[list-item]
+    )
+    assert out.content

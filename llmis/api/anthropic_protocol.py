@@ -6,7 +6,8 @@ prompt first, text blocks joined), so the same validation, ranges and serving pa
 choice); ``tool_use`` blocks of the history become the assistant's ``tool_calls`` and
 ``tool_result`` blocks ``tool`` messages. Other content blocks (images, documents) are
 refused with a 400 rather than answered as if they were not there. ``metadata``,
-``service_tier`` and a disabled ``thinking`` are accepted and ignored.
+``service_tier``, ``tool_choice`` without tools and a disabled ``thinking`` are accepted
+and ignored.
 """
 
 from __future__ import annotations
