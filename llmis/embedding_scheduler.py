@@ -33,12 +33,11 @@ from numpy.typing import NDArray
 from llmis.embedding_context import BATCH_TOKENS, EmbeddingContext, EmbeddingInput, Pooling
 from llmis.engine import Engine
 from llmis.errors import APIError, ModelUnavailableError, QueueFullError
+from llmis.jobs import Notify, notify, settle_future
 
 __all__ = ["EmbedJob", "EmbeddingScheduler", "EmbeddingsResult"]
 
 logger = logging.getLogger(__name__)
-
-Notify = tuple[asyncio.AbstractEventLoop, Callable[[], None]]
 
 
 @dataclass(frozen=True)
@@ -71,25 +70,8 @@ class EmbedJob:
 
     def settle(self, result: Any = None, error: BaseException | None = None) -> None:
         """Thread-safe: complete the future on the job's event loop."""
-
-        def put() -> None:
-            if self.future.done():
-                return
-            if error is not None:
-                self.future.set_exception(error)
-            else:
-                self.future.set_result(result)
-
-        try:
-            self.loop.call_soon_threadsafe(put)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            self.cancel.set()
-
-
-def _notify(waiters: list[Notify]) -> None:
-    for loop, callback in waiters:
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(callback)
+        if not settle_future(self.loop, self.future, result, error):
+            self.cancel.set()  # the loop is closed: nobody is listening any more
 
 
 class EmbeddingScheduler:
@@ -181,7 +163,7 @@ class EmbeddingScheduler:
             if self.failure is None:
                 self._failure_waiters.append((loop, callback))
                 return
-        _notify([(loop, callback)])
+        notify([(loop, callback)])
 
     async def drain(self) -> None:
         """Wait (on an event) until no job is queued or running."""
@@ -228,7 +210,7 @@ class EmbeddingScheduler:
             self.context.close()
             with self._cond:
                 waiters, self._idle_waiters = self._idle_waiters, []
-            _notify(waiters)
+            notify(waiters)
 
     def _die(self, reason: str) -> None:
         error = ModelUnavailableError(
@@ -243,14 +225,14 @@ class EmbeddingScheduler:
             waiters, self._failure_waiters = self._failure_waiters, []
         for job in jobs:
             job.settle(error=error)
-        _notify(waiters)
+        notify(waiters)
 
     def _run(self) -> None:
         while True:
             with self._cond:
                 while not self._closing and not self._queue and not self._active:
                     waiters, self._idle_waiters = self._idle_waiters, []
-                    _notify(waiters)
+                    notify(waiters)
                     self._cond.wait()
                 if self._closing and not self._active and not self._queue:
                     return

@@ -29,9 +29,45 @@ __all__ = [
     "Finished",
     "Job",
     "JobEvent",
+    "Notify",
     "SlotStats",
     "Started",
+    "notify",
+    "settle_future",
 ]
+
+# a callback to run on an event loop, from a model's thread
+Notify = tuple[asyncio.AbstractEventLoop, Callable[[], None]]
+
+
+def notify(waiters: Sequence[Notify]) -> None:
+    """Run each callback on its loop (thread-safe); a closed loop has nobody left to tell."""
+    for loop, callback in waiters:
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(callback)
+
+
+def settle_future(
+    loop: asyncio.AbstractEventLoop,
+    future: asyncio.Future[Any],
+    result: Any = None,
+    error: BaseException | None = None,
+) -> bool:
+    """Thread-safe: complete ``future`` on ``loop``; ``False`` when the loop is closed."""
+
+    def put() -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    try:
+        loop.call_soon_threadsafe(put)
+    except RuntimeError:  # the loop is closed: nobody is listening any more
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -138,15 +174,6 @@ class CallJob:
     enqueued_at: float = field(default_factory=time.monotonic)
     done: bool = False
 
-    def _settle(self, result: Any, error: BaseException | None) -> None:
-        if self.future.done():
-            return
-        if error is not None:
-            self.future.set_exception(error)
-        else:
-            self.future.set_result(result)
-
     def settle(self, result: Any = None, error: BaseException | None = None) -> None:
         """Thread-safe: complete the future on the job's event loop."""
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self._settle, result, error)
+        settle_future(self.loop, self.future, result, error)

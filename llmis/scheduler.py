@@ -50,7 +50,18 @@ import numpy as np
 from llmis.embedding_scheduler import EmbeddingScheduler
 from llmis.engine import Engine, GenerationContext, Sampler, TextStream
 from llmis.errors import APIError, ModelUnavailableError, QueueFullError
-from llmis.jobs import CallJob, Delta, Failed, Finished, Job, JobEvent, SlotStats, Started
+from llmis.jobs import (
+    CallJob,
+    Delta,
+    Failed,
+    Finished,
+    Job,
+    JobEvent,
+    Notify,
+    SlotStats,
+    Started,
+    notify,
+)
 from llmis.logprobs import TokenLogprob, token_logprob
 
 __all__ = ["Scheduler"]
@@ -58,7 +69,6 @@ __all__ = ["Scheduler"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Notify = tuple[asyncio.AbstractEventLoop, Callable[[], None]]
 
 
 @dataclass(eq=False)
@@ -110,12 +120,6 @@ def _deliver(outbox: list[tuple[Job, JobEvent]]) -> None:
 def _put_all(items: list[tuple[Job, JobEvent]]) -> None:
     for job, event in items:
         job.events.put_nowait(event)
-
-
-def _notify(waiters: list[Notify]) -> None:
-    for loop, callback in waiters:
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(callback)
 
 
 class Scheduler:
@@ -192,7 +196,7 @@ class Scheduler:
             if self.failure is None:
                 self._failure_waiters.append((loop, callback))
                 return
-        _notify([(loop, callback)])
+        notify([(loop, callback)])
 
     async def drain(self) -> None:
         """Wait (on an event, not a timer) until no job is queued or running."""
@@ -291,7 +295,7 @@ class Scheduler:
             self._release_context()
             with self._cond:
                 waiters, self._idle_waiters = self._idle_waiters, []
-            _notify(waiters)
+            notify(waiters)
 
     def _release_context(self) -> None:
         if self._batch is not None:
@@ -317,14 +321,14 @@ class Scheduler:
             if slot.job is not None:
                 _fail(slot.job, error)
                 slot.job = None
-        _notify(waiters)
+        notify(waiters)
 
     def _run(self) -> None:
         while True:
             with self._cond:
                 while not self._closing and not self._queue and not self._active():
                     waiters, self._idle_waiters = self._idle_waiters, []
-                    _notify(waiters)
+                    notify(waiters)
                     self._cond.wait()
                 if self._closing and not self._active():
                     return
