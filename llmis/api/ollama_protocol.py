@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from llmis.api.translate import validate_as
 from llmis.errors import BadRequestError
@@ -80,6 +80,16 @@ def keep_alive_seconds(value: float | str | None) -> float | None:
     else:
         seconds = float(value)
     return -1.0 if seconds < 0 or seconds > _MAX_KEEP_ALIVE else seconds
+
+
+def _no_images(value: list[str] | None) -> list[str] | None:
+    if value:
+        raise ValueError("images are not supported: the models this server runs read text")
+    return value
+
+
+# Ollama's ``images`` (chat messages and generate): accepted only when empty
+NoImages = Annotated[list[str] | None, AfterValidator(_no_images)]
 
 
 class OllamaOptions(LenientModel):
@@ -181,17 +191,10 @@ class OllamaToolCall(LenientModel):
 class OllamaMessage(LenientModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
-    images: list[str] | None = None
+    images: NoImages = None
     tool_calls: list[OllamaToolCall] | None = None
     tool_name: str | None = Field(default=None, max_length=256)
     thinking: str | None = None
-
-    @field_validator("images")
-    @classmethod
-    def _no_images(cls, value: list[str] | None) -> list[str] | None:
-        if value:
-            raise ValueError("images are not supported: the models this server runs read text")
-        return value
 
 
 def _openai_messages(messages: list[OllamaMessage]) -> list[dict[str, Any]]:
@@ -247,17 +250,10 @@ class OllamaGenerateRequest(_Generating):
     prompt: str = ""
     system: str | None = None
     raw: bool = False
-    images: list[str] | None = None
+    images: NoImages = None
     suffix: str | None = None
     template: str | None = None
     context: list[int] | None = None
-
-    @field_validator("images")
-    @classmethod
-    def _no_images(cls, value: list[str] | None) -> list[str] | None:
-        if value:
-            raise ValueError("images are not supported: the models this server runs read text")
-        return value
 
     @field_validator("suffix", "template")
     @classmethod
