@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from llmis import presets
 from llmis.api import (
     admin,
     anthropic,
@@ -23,9 +22,10 @@ from llmis.api import (
 )
 from llmis.api.middleware import error_middleware
 from llmis.config import Settings
-from llmis.models import ModelManager
-from llmis.ops import Operations
-from llmis.state import MANAGER, SETTINGS
+from llmis.models.manager import ModelManager
+from llmis.ops.app_keys import MANAGER, SETTINGS
+from llmis.ops.wiring import Operations
+from llmis.tasks import presets
 
 __all__ = ["create_app"]
 

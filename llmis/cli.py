@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llmis import __version__, chat_cli, indexer, inventory, pull
+from llmis import __version__, chat_cli
 from llmis.config import (
     ConfigError,
     Settings,
@@ -21,7 +21,9 @@ from llmis.config import (
     find_default_config,
     load_settings,
 )
-from llmis.logs import setup_logging
+from llmis.hub import local_models, pull
+from llmis.index import build as index_build
+from llmis.ops.logs import setup_logging
 
 __all__ = ["main"]
 
@@ -132,7 +134,7 @@ def _event_loop(kind: str) -> asyncio.AbstractEventLoop | None:
 
 def _serve(args: argparse.Namespace) -> int:
     from llmis.app import create_app
-    from llmis.state import OVERSIGHT
+    from llmis.ops.app_keys import OVERSIGHT
 
     settings = _settings(args)
     setup_logging(settings.server.log_level, args.log_format or settings.logging.format)
@@ -150,7 +152,7 @@ def _serve(args: argparse.Namespace) -> int:
             print=lambda _: print(
                 f"llmis {__version__} serving on http://{host}:{port}", flush=True
             ),
-            access_log=None,  # llmis.logs writes the access log, with request ids and tokens
+            access_log=None,  # llmis.ops.logs writes the access log, with request ids and tokens
             shutdown_timeout=5.0,  # after the grace period that on_shutdown has already waited
         )
     except OSError as exc:
@@ -183,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
     config_help = f"TOML config whose [server] settings are used (default: {default})"
     _add_tool(commands, "pull", pull, config_help)
-    _add_tool(commands, "models", inventory, config_help)
-    _add_tool(commands, "index", indexer, config_help)
+    _add_tool(commands, "models", local_models, config_help)
+    _add_tool(commands, "index", index_build, config_help)
     _add_tool(commands, "chat", chat_cli, config_help)
     return parser
 

@@ -174,7 +174,7 @@ class ServerSettings(_Strict):
     @field_validator("ram_budget")
     @classmethod
     def _budget(cls, value: int | str) -> int | str:
-        from llmis.memory import parse_budget
+        from llmis.models.budget import parse_budget
 
         parse_budget(value)
         return value

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmis.request_context import current_request
+from llmis.ops.request_context import current_request
 
 __all__ = [
     "APIError",

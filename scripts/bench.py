@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterable
 import aiohttp
 from llama_cpp import Llama
 
-from llmis.engine import Engine, SamplingParams
-from llmis.jobs import Delta, Job
-from llmis.scheduler import Scheduler
+from llmis.engine.jobs import Delta, Job
+from llmis.engine.llama import Engine, SamplingParams
+from llmis.engine.scheduler import Scheduler
 from tests.conftest import launch, smollm_config, smollm_path
 
 TOKENS = 128

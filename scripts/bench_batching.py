@@ -39,7 +39,7 @@ import aiohttp
 import llama_cpp
 import psutil
 
-from llmis.resources import resolve_resource
+from llmis.models.files import resolve_resource
 from tests.conftest import GEMMA_RESOURCE, SMOLLM_RESOURCE, free_port, launch
 
 LLAMA_VERSION = "0.3.36"

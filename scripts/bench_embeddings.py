@@ -36,11 +36,11 @@ import aiohttp
 import numpy as np
 import psutil
 
-from llmis.embedding_context import EmbeddingContext
-from llmis.embeddings import embed_in_process
-from llmis.engine import Engine
-from llmis.index import Index, IndexRow, Manifest, save_index
-from llmis.search import top_k
+from llmis.engine.embedding_context import EmbeddingContext
+from llmis.engine.llama import Engine
+from llmis.index.search import top_k
+from llmis.index.store import Index, IndexRow, Manifest, save_index
+from llmis.serving.embeddings import embed_in_process
 from scripts.bench_batching import Server, _wait_http, llama_server_binary
 from scripts.convert_minilm import ensure_converted
 from tests.conftest import REPO, free_port, launch

@@ -1,4 +1,4 @@
-"""Per-token cost of ``llmis.logprobs.token_logprob`` on SmolLM2's logits row.
+"""Per-token cost of ``llmis.engine.logprobs.token_logprob`` on SmolLM2's logits row.
 
 ``python -m scripts.bench_logprobs``: decodes a short prompt once, then times the logprob of
 one position (log-softmax over the vocabulary, plus the top-k alternatives) for several k.
@@ -11,8 +11,8 @@ import time
 import llama_cpp
 import numpy as np
 
-from llmis.engine import Engine
-from llmis.logprobs import token_logprob
+from llmis.engine.llama import Engine
+from llmis.engine.logprobs import token_logprob
 from tests.conftest import smollm_path
 
 

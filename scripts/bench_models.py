@@ -1,7 +1,7 @@
 """`make bench` (models): load time, predicted vs measured RSS, and RSS returned on unload.
 
 For each bundled model (SmolLM2-135M Q4_1, Gemma-3-270M Q4_K_M) and context size, loads it
-through the real :class:`~llmis.models.ModelManager` (the same code the server runs), then
+through the real :class:`~llmis.models.manager.ModelManager` (the same code the server runs), then
 unloads it. Rounds are interleaved model by model. Prints per row the median load time, the
 prediction, the measured RSS change over the load, the prediction's error, and how much RSS
 the unload gave back. Gemma is assembled once into ``<models_dir>/.assembled/``.
@@ -16,8 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from llmis.config import Settings
-from llmis.memory import process_rss
-from llmis.models import ModelManager
+from llmis.models.budget import process_rss
+from llmis.models.manager import ModelManager
 
 MiB = 1024 * 1024
 MODELS = {

@@ -37,7 +37,7 @@ import gguf
 import numpy as np
 from numpy.typing import NDArray
 
-from llmis.resources import distribution_file
+from llmis.models.files import distribution_file
 
 __all__ = [
     "DIST",

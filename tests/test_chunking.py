@@ -10,8 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from llmis.chunking import Pacing, coalesce
-from llmis.jobs import Delta, Finished, JobEvent
+from llmis.engine.jobs import Delta, Finished, JobEvent
+from llmis.serving.chunking import Pacing, coalesce
 from tests.conftest import SMOLLM_RESOURCE, RunningServer
 
 NO_EOS = {str(t): -100 for t in (0, 1, 2, 4)}  # SmolLM2's end tokens: runs to max_tokens

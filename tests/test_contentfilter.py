@@ -5,7 +5,7 @@ on a server without the filter."""
 from __future__ import annotations
 
 from llmis.config import FilterSettings
-from llmis.contentfilter import ContentFilter, ContentFilterError
+from llmis.ops.contentfilter import ContentFilter, ContentFilterError
 from tests.conftest import OPS_USER_KEY, RunningServer
 from tests.ops_helpers import FRANCE, finish_reasons, post, stream_chat, stream_text
 

@@ -19,7 +19,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmis.config import load_settings
-from llmis.memory import resolve_budget
+from llmis.models.budget import resolve_budget
 from tests.conftest import REPO, RunningServer
 
 if sys.version_info >= (3, 11):

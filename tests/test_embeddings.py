@@ -22,8 +22,8 @@ import pytest
 from pydantic import ValidationError
 
 from llmis.api.embeddings import EmbeddingRequest
-from llmis.embeddings import normalise, truncate_dimensions
 from llmis.errors import BadRequestError
+from llmis.serving.embeddings import normalise, truncate_dimensions
 from tests.conftest import REPO, SMOLLM_RESOURCE, RunningServer
 
 MODELS_DIR = REPO / "models"

@@ -20,8 +20,8 @@ import pytest
 
 from llmis import cli
 from llmis.config import load_settings
-from llmis.gguf_info import read_gguf_info
-from llmis.memory import fitting_context, resolve_budget
+from llmis.models.budget import fitting_context, resolve_budget
+from llmis.models.gguf import read_gguf_info
 from tests.conftest import (
     OPS_USER_KEY,
     REPO,
@@ -151,7 +151,9 @@ slots = 1
         status, body = server.get_json("/v1/models/dropped")
         assert status == 200 and body["state"] == "loaded"  # type: ignore[index]
         assert body["context_length"] == expected  # type: ignore[index]
-        lines = [e["message"] for e in log_entries(server) if e.get("logger") == "llmis.models"]
+        lines = [
+            e["message"] for e in log_entries(server) if e.get("logger") == "llmis.models.manager"
+        ]
         said = [m for m in lines if m.startswith("model dropped (dropped in the models dir)")]
         assert said and f"gets n_ctx {expected}" in said[0], lines
         assert "halved to fit the RAM budget" in said[0]

@@ -24,12 +24,12 @@ from typing import Any
 import aiohttp
 import pytest
 
+from llmis.api.sse import EventStream
 from llmis.config import CorsSettings, ServerSettings
-from llmis.cors import Cors
-from llmis.hub import HubError, RemoteFile, RepoListing, checked_sha256, download
-from llmis.origin import OriginPolicy, split_host
-from llmis.protocol import ChatCompletionRequest, compile_grammar
-from llmis.sse import EventStream
+from llmis.hub.client import HubError, RemoteFile, RepoListing, checked_sha256, download
+from llmis.ops.cors import Cors
+from llmis.ops.origin import OriginPolicy, split_host
+from llmis.serving.protocol import ChatCompletionRequest, compile_grammar
 from tests.conftest import (
     OPS_USER_KEY,
     REPO,
@@ -284,7 +284,7 @@ async def test_a_json_schema_is_compiled_off_the_event_loop(
         threads.append(threading.get_ident())
         return 'root ::= "{}"'
 
-    monkeypatch.setattr("llmis.protocol.json_schema_to_gbnf", converter)
+    monkeypatch.setattr("llmis.serving.protocol.json_schema_to_gbnf", converter)
     fmt = {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}
     request = ChatCompletionRequest.model_validate(chat_body(response_format=fmt))
     assert threads == []  # validation (on the loop) does not compile
@@ -590,7 +590,7 @@ async def test_sse_write_times_out_for_a_stalled_reader() -> None:
 def test_release_free_heap_looks_up_libc_once(monkeypatch: pytest.MonkeyPatch) -> None:
     import ctypes.util
 
-    from llmis import memory
+    from llmis.models import budget as memory
 
     if not sys.platform.startswith("linux"):
         pytest.skip("malloc_trim is glibc's")

@@ -10,10 +10,10 @@ import aiohttp
 import pytest
 
 from llmis.config import LimitSettings
-from llmis.engine import SamplingParams
-from llmis.jobs import Delta, Failed, Finished, Job, Started
-from llmis.oversight import Guard
-from llmis.ratelimit import RateLimiter, RateLimitError
+from llmis.engine.jobs import Delta, Failed, Finished, Job, Started
+from llmis.engine.llama import SamplingParams
+from llmis.ops.policy import Guard
+from llmis.ops.ratelimit import RateLimiter, RateLimitError
 from tests.conftest import OPS_USER_KEY, RunningServer, smollm_config
 from tests.ops_helpers import bearer, chat, finish_reasons, get, post, sample, scrape, stream_chat
 

@@ -10,8 +10,8 @@ import re
 import time
 from typing import Any
 
-from llmis.logs import JsonFormatter, TextFormatter, setup_logging
-from llmis.request_context import RequestContext, new_request_id, request_scope
+from llmis.ops.logs import JsonFormatter, TextFormatter, setup_logging
+from llmis.ops.request_context import RequestContext, new_request_id, request_scope
 from tests.conftest import OPS_USER_KEY, RunningServer
 from tests.ops_helpers import FRANCE, chat, post
 
@@ -64,7 +64,7 @@ async def test_every_line_of_a_request_has_its_id(ops_server: RunningServer) -> 
     )
     assert status == 200
     lines = for_request(ops_server, rid)
-    assert {e["logger"] for e in lines} == {"llmis.oversight", "llmis.access"}
+    assert {e["logger"] for e in lines} == {"llmis.ops.policy", "llmis.access"}
     assert all(e["request_id"] == rid for e in lines)
 
 

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import aiohttp
 
-from llmis.jobs import SlotStats
-from llmis.metrics import Metrics
+from llmis.engine.jobs import SlotStats
+from llmis.ops.metrics import Metrics
 from tests.conftest import OPS_ADMIN_KEY, OPS_USER_KEY, RunningServer
 from tests.ops_helpers import bearer, chat, post, sample, scrape, stream_chat
 

@@ -26,8 +26,8 @@ import aiohttp
 import psutil
 import pytest
 
-from llmis.gguf_info import read_gguf_info
-from llmis.memory import parse_budget, predict_memory, resolve_budget
+from llmis.models.budget import parse_budget, predict_memory, resolve_budget
+from llmis.models.gguf import read_gguf_info
 from tests.conftest import (
     GEMMA_RESOURCE,
     SMOLLM_RESOURCE,

@@ -17,7 +17,7 @@ from llmis.api.admin import LoadBody
 from llmis.api.openapi import OPERATIONS, build_document
 from llmis.app import create_app
 from llmis.config import Settings
-from llmis.protocol import ChatCompletionRequest
+from llmis.serving.protocol import ChatCompletionRequest
 
 
 def registered(app: web.Application) -> set[tuple[str, str]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from llmis.hub import HubError, RemoteFile, RepoListing, choose, group_models
+from llmis.hub.client import HubError, RemoteFile, RepoListing, choose, group_models
 from tests.conftest import RunningServer, free_port, smollm_path
 from tests.fake_hub import FakeHub, sha256_of, smollm_split
 

@@ -1,4 +1,4 @@
-"""The generation scheduler (``llmis.scheduler.Scheduler``) on the real SmolLM2 model.
+"""The generation scheduler (``llmis.engine.scheduler.Scheduler``) on the real SmolLM2 model.
 
 The scheduler-level tests drive a Scheduler directly and compare its output token for token
 with a batch of one on a fresh context. The server tests run a real llmis with a 4-slot and a
@@ -21,15 +21,15 @@ import pytest
 from llama_cpp.llama_grammar import JSON_GBNF
 from prometheus_client.parser import text_string_to_metric_families
 
-import llmis.scheduler
+import llmis.engine.scheduler
 from llmis.config import Settings
-from llmis.engine import Engine, SamplingParams
+from llmis.engine.jobs import Delta, Failed, Finished, Job, Started
+from llmis.engine.llama import Engine, SamplingParams
+from llmis.engine.scheduler import Scheduler
 from llmis.errors import APIError
-from llmis.gguf_info import read_gguf_info
-from llmis.jobs import Delta, Failed, Finished, Job, Started
-from llmis.memory import predict_memory
-from llmis.models import ModelManager
-from llmis.scheduler import Scheduler
+from llmis.models.budget import predict_memory
+from llmis.models.gguf import read_gguf_info
+from llmis.models.manager import ModelManager
 from tests.conftest import SMOLLM_RESOURCE, RunningServer, smollm_path
 
 QUESTIONS = [
@@ -253,14 +253,14 @@ async def test_kv_allocated_matches_the_prediction(worker: Scheduler) -> None:
 async def test_a_sampler_failure_fails_only_its_request(
     worker: Scheduler, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = llmis.scheduler.Sampler
+    real = llmis.engine.scheduler.Sampler
 
     class Broken(real):  # type: ignore[misc, valid-type]
         def sample(self, ctx: Any, index: int) -> int:
             raise RuntimeError("injected")
 
     monkeypatch.setattr(
-        llmis.scheduler,
+        llmis.engine.scheduler,
         "Sampler",
         lambda params, vocab: (Broken if params.seed == 666 else real)(params, vocab),
     )
@@ -359,7 +359,7 @@ async def test_close_waits_for_threads_reading_the_model() -> None:
 
 
 async def test_a_lease_is_held_until_prompt_preparation_ends() -> None:
-    from llmis.serving import _blocking
+    from llmis.serving.generation import _blocking
 
     settings = Settings.model_validate(
         {

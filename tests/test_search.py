@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmis.index import Index, IndexRow, Manifest, load_index, save_index
-from llmis.indexer import IndexBuildError, read_table
-from llmis.search import top_k
+from llmis.index.build import IndexBuildError, read_table
+from llmis.index.search import top_k
+from llmis.index.store import Index, IndexRow, Manifest, load_index, save_index
 from tests.conftest import REPO, RunningServer
 from tests.test_embeddings import embedding_config
 

@@ -13,10 +13,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from llmis.engine import SamplingParams
+from llmis.engine.jobs import Job
+from llmis.engine.llama import SamplingParams
 from llmis.errors import APIError
-from llmis.jobs import Job
-from llmis.shutdown import ServerShuttingDownError, Shutdown
+from llmis.ops.shutdown import ServerShuttingDownError, Shutdown
 from tests.conftest import RunningServer, smollm_config
 from tests.ops_helpers import chat, finish_reasons, sse_payloads, stream_text
 

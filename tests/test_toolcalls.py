@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from llmis.protocol import ChatCompletionRequest
-from llmis.toolcalls import CallPiece, ContentPiece, OutputParser
-from llmis.tools import ToolPlan, plan_tools
+from llmis.serving.protocol import ChatCompletionRequest
+from llmis.serving.toolcalls import CallPiece, ContentPiece, OutputParser
+from llmis.serving.tools import ToolPlan, plan_tools
 
 TOOL = {
     "type": "function",

@@ -6,8 +6,8 @@ A word counter stands in for the tokenizer here; ``tests/test_ws.py`` and
 
 from __future__ import annotations
 
-from llmis.protocol import ChatMessage
-from llmis.trimming import default_reserve, trim_history
+from llmis.serving.protocol import ChatMessage
+from llmis.serving.trimming import default_reserve, trim_history
 
 
 def msg(role: str, words: int, tag: str = "") -> ChatMessage:

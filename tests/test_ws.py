@@ -21,9 +21,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from llmis.app import create_app
 from llmis.config import Settings
-from llmis.jobs import Finished, Job
-from llmis.scheduler import Scheduler
-from llmis.state import MANAGER
+from llmis.engine.jobs import Finished, Job
+from llmis.engine.scheduler import Scheduler
+from llmis.ops.app_keys import MANAGER
 from tests.conftest import SMOLLM_RESOURCE, RunningServer
 
 # SmolLM2's end-of-generation tokens; banning them makes a reply run to max_tokens.

@@ -21,11 +21,11 @@ from aiohttp import web
 from pydantic import ConfigDict, Field
 
 from llmis.api.middleware import read_json
-from llmis.catalog import ModelEntry
-from llmis.memory import process_rss
-from llmis.models import ModelManager
-from llmis.protocol import LenientModel
-from llmis.state import MANAGER
+from llmis.models.budget import process_rss
+from llmis.models.entry import ModelEntry
+from llmis.models.manager import ModelManager
+from llmis.ops.app_keys import MANAGER
+from llmis.serving.protocol import LenientModel
 
 __all__ = ["describe", "routes"]
 

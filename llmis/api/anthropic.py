@@ -2,8 +2,8 @@
 translation onto the serving layer.
 
 A request becomes a chat request (:mod:`llmis.api.anthropic_protocol`) served by
-:func:`llmis.serving.start_chat`: the same limits, metrics, auth (``x-api-key`` is accepted
-beside ``Authorization: Bearer``), request ids and cancellation as every route. The
+:func:`llmis.serving.generation.start_chat`: the same limits, metrics, auth (``x-api-key``
+is accepted beside ``Authorization: Bearer``), request ids and cancellation as every route. The
 ``anthropic-version`` header is accepted and not needed. Streams are Anthropic's typed
 server-sent events: ``message_start``, ``content_block_start``, ``ping``,
 ``content_block_delta`` (``text_delta``)..., ``content_block_stop``, ``message_delta`` (stop
@@ -21,13 +21,13 @@ from aiohttp import web
 
 from llmis.api.anthropic_protocol import CountTokensRequest, MessagesRequest
 from llmis.api.middleware import read_json
-from llmis.families import error_for
-from llmis.jobs import Delta, Failed, Finished
-from llmis.protocol import compile_grammar
-from llmis.serving import Generation, count_chat_tokens, start_chat
-from llmis.sse import EventStream
-from llmis.state import MANAGER, SETTINGS
-from llmis.toolcalls import ContentPiece, OutputParser, Piece
+from llmis.api.sse import EventStream
+from llmis.engine.jobs import Delta, Failed, Finished
+from llmis.ops.app_keys import MANAGER, SETTINGS
+from llmis.ops.families import error_for
+from llmis.serving.generation import Generation, count_chat_tokens, start_chat
+from llmis.serving.protocol import compile_grammar
+from llmis.serving.toolcalls import ContentPiece, OutputParser, Piece
 
 __all__ = ["routes", "stop_reason"]
 

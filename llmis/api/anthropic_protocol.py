@@ -1,6 +1,6 @@
 """Anthropic Messages API request schemas and their translation to llmis's chat requests.
 
-A ``/v1/messages`` request becomes a :class:`~llmis.protocol.ChatCompletionRequest` (system
+A ``/v1/messages`` request becomes a :class:`~llmis.serving.protocol.ChatCompletionRequest` (system
 prompt first, text blocks joined), so the same validation, ranges and serving path apply.
 ``tools`` and ``tool_choice`` become OpenAI tools (``any``: ``required``, ``tool``: a named
 choice); ``tool_use`` blocks of the history become the assistant's ``tool_calls`` and
@@ -19,7 +19,7 @@ from pydantic import Field, field_validator
 
 from llmis.api.translate import validate_as
 from llmis.errors import BadRequestError
-from llmis.protocol import MAX_TOKENS, ChatCompletionRequest, ChatMessage, LenientModel
+from llmis.serving.protocol import MAX_TOKENS, ChatCompletionRequest, ChatMessage, LenientModel
 
 __all__ = ["CountTokensRequest", "MessagesRequest", "TextBlock", "ToolResultBlock", "ToolUseBlock"]
 

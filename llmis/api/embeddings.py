@@ -17,10 +17,10 @@ from aiohttp import web
 from pydantic import Field, field_validator
 
 from llmis.api.middleware import read_json
-from llmis.embeddings import Embeddings, embed, lease_embedder, truncate_dimensions
-from llmis.protocol import LenientModel, as_batch
-from llmis.request_context import name_model
-from llmis.state import MANAGER
+from llmis.ops.app_keys import MANAGER
+from llmis.ops.request_context import name_model
+from llmis.serving.embeddings import Embeddings, embed, lease_embedder, truncate_dimensions
+from llmis.serving.protocol import LenientModel, as_batch
 
 __all__ = ["MAX_INPUTS", "EmbeddingRequest", "routes"]
 

@@ -13,9 +13,9 @@ import llama_cpp
 from aiohttp import web
 
 from llmis import __version__
-from llmis.auth import KEYRING, is_admin_request
-from llmis.catalog import ModelState
-from llmis.state import MANAGER
+from llmis.models.entry import ModelState
+from llmis.ops.app_keys import MANAGER
+from llmis.ops.auth import KEYRING, is_admin_request
 
 __all__ = ["routes"]
 

@@ -1,5 +1,5 @@
 """The one place exceptions become HTTP responses, in the calling API family's error shape
-(OpenAI's, Ollama's or Anthropic's: :mod:`llmis.families`)."""
+(OpenAI's, Ollama's or Anthropic's: :mod:`llmis.ops.families`)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
 from llmis.errors import APIError, BadRequestError
-from llmis.families import api_family, error_for, family_error_body
-from llmis.state import SETTINGS
+from llmis.ops.app_keys import SETTINGS
+from llmis.ops.families import api_family, error_for, family_error_body
 
 __all__ = ["error_middleware", "parse_json", "read_json", "validation_error"]
 

@@ -1,10 +1,11 @@
 """Ollama's API (``docs/api.md``) as a thin translation onto the serving layer.
 
 ``/api/chat`` and ``/api/generate`` become OpenAI requests (:mod:`llmis.api.ollama_protocol`)
-served by :mod:`llmis.serving`: the same limits, metrics, auth, request ids and cancellation.
+served by :mod:`llmis.serving.generation`: the same limits, metrics, auth, request ids and
+cancellation.
 Streams are NDJSON (``application/x-ndjson``), one compact JSON object a line, the last with
 ``"done": true``, ``done_reason`` and the counts and durations (nanoseconds). Errors are
-``{"error": "..."}`` (the error middleware picks the shape by path; :mod:`llmis.families`);
+``{"error": "..."}`` (the error middleware picks the shape by path; :mod:`llmis.ops.families`);
 an error after a stream started is sent as its last line.
 """
 
@@ -25,7 +26,6 @@ from aiohttp import web
 from numpy.typing import NDArray
 
 from llmis import __version__
-from llmis import embeddings as embedding
 from llmis.api.middleware import read_json
 from llmis.api.ollama_protocol import (
     OllamaChatRequest,
@@ -37,21 +37,22 @@ from llmis.api.ollama_protocol import (
     OllamaShowRequest,
     keep_alive_seconds,
 )
-from llmis.auth import KEYRING, PermissionDeniedError, is_admin_request
-from llmis.catalog import ModelEntry, ModelState
+from llmis.api.sse import within
 from llmis.config import Settings
-from llmis.embeddings import Embeddings, lease_embedder, truncate_dimensions
+from llmis.engine.jobs import Delta, Failed, Finished
 from llmis.errors import APIError, BadRequestError
-from llmis.families import error_for
-from llmis.jobs import Delta, Failed, Finished
-from llmis.models import ModelManager
-from llmis.protocol import ChatCompletionRequest, compile_grammar
-from llmis.pull import PARTIAL_DIR, PullError, pull_remote
-from llmis.serving import Generation, start_chat, start_completion
-from llmis.splits import split_part_paths
-from llmis.sse import within
-from llmis.state import MANAGER, SETTINGS
-from llmis.toolcalls import ContentPiece, OutputParser, Piece
+from llmis.hub.pull import PARTIAL_DIR, PullError, pull_remote
+from llmis.models.entry import ModelEntry, ModelState
+from llmis.models.manager import ModelManager
+from llmis.models.splits import split_part_paths
+from llmis.ops.app_keys import MANAGER, SETTINGS
+from llmis.ops.auth import KEYRING, PermissionDeniedError, is_admin_request
+from llmis.ops.families import error_for
+from llmis.serving import embeddings as embedding
+from llmis.serving.embeddings import Embeddings, lease_embedder, truncate_dimensions
+from llmis.serving.generation import Generation, start_chat, start_completion
+from llmis.serving.protocol import ChatCompletionRequest, compile_grammar
+from llmis.serving.toolcalls import ContentPiece, OutputParser, Piece
 
 __all__ = ["OLLAMA_API_VERSION", "NdjsonStream", "routes"]
 

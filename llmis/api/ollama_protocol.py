@@ -1,7 +1,7 @@
 """Ollama request schemas (``docs/api.md``) and their translation to llmis's OpenAI requests.
 
-Every Ollama generation request becomes a :class:`~llmis.protocol.ChatCompletionRequest` or
-:class:`~llmis.protocol.CompletionRequest`, so the same validation, ranges, grammar and
+Every Ollama generation request becomes a :class:`~llmis.serving.protocol.ChatCompletionRequest` or
+:class:`~llmis.serving.protocol.CompletionRequest`, so the same validation, ranges, grammar and
 serving path apply. A violation found there is reported under the Ollama field's name
 (``options.num_predict``, ``format``...).
 
@@ -22,7 +22,7 @@ from pydantic import AfterValidator, Field, field_validator
 
 from llmis.api.translate import validate_as
 from llmis.errors import BadRequestError
-from llmis.protocol import ChatCompletionRequest, CompletionRequest, LenientModel
+from llmis.serving.protocol import ChatCompletionRequest, CompletionRequest, LenientModel
 
 __all__ = [
     "OllamaChatRequest",

@@ -7,12 +7,14 @@ import dataclasses
 from aiohttp import web
 
 from llmis.api.middleware import read_json
-from llmis.chunking import coalesce, pacing
+from llmis.api.sse import EventStream
+from llmis.engine.jobs import Delta, Failed, Finished
+from llmis.engine.logprobs import chat_logprobs, completion_logprobs
 from llmis.errors import ModelNotFoundError
-from llmis.jobs import Delta, Failed, Finished
-from llmis.logprobs import chat_logprobs, completion_logprobs
-from llmis.presets import PRESETS
-from llmis.protocol import (
+from llmis.ops.app_keys import MANAGER, SETTINGS
+from llmis.serving.chunking import coalesce, pacing
+from llmis.serving.generation import Generation, start_chat, start_completion
+from llmis.serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     chat_chunk,
@@ -24,11 +26,9 @@ from llmis.protocol import (
     now,
     usage_chunk,
 )
-from llmis.serving import Generation, start_chat, start_completion
-from llmis.sse import EventStream
-from llmis.state import MANAGER, SETTINGS
-from llmis.tasks import TaskPlan, plan_chat
-from llmis.toolcalls import chat_deltas, tool_call_objects
+from llmis.serving.toolcalls import chat_deltas, tool_call_objects
+from llmis.tasks.plan import TaskPlan, plan_chat
+from llmis.tasks.presets import PRESETS
 
 __all__ = ["routes"]
 

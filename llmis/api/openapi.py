@@ -38,7 +38,7 @@ from llmis.api.ollama_protocol import (
 from llmis.api.responses import ResponsesRequest
 from llmis.api.search import SearchRequest
 from llmis.api.simple import InferBody, LoadModelBody
-from llmis.protocol import ChatCompletionRequest, CompletionRequest
+from llmis.serving.protocol import ChatCompletionRequest, CompletionRequest
 
 __all__ = ["DOCUMENT", "OPERATIONS", "Operation", "build_document", "routes", "setup"]
 

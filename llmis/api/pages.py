@@ -15,9 +15,9 @@ from aiohttp import web
 
 import llmis
 from llmis import __version__
-from llmis.auth import KEYRING
 from llmis.errors import APIError
-from llmis.state import MANAGER
+from llmis.ops.app_keys import MANAGER
+from llmis.ops.auth import KEYRING
 
 __all__ = ["CSP", "setup", "templates_dir"]
 

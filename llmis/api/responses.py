@@ -3,7 +3,7 @@
 A request (``input`` as a string or as message / ``function_call`` /
 ``function_call_output`` items, ``instructions``, ``max_output_tokens``, ``temperature``,
 ``top_p``, function ``tools``, ``tool_choice``, ``text.format``) becomes a
-:class:`~llmis.protocol.ChatCompletionRequest`, so validation, prompting, tool calling and
+:class:`~llmis.serving.protocol.ChatCompletionRequest`, so validation, prompting, tool calling and
 JSON-schema output are the chat completion's own. Nothing is stored: ``store`` is accepted
 and ignored, and ``previous_response_id`` is a 400 (send the history as ``input`` items).
 
@@ -29,9 +29,12 @@ from aiohttp import web
 from pydantic import Field
 
 from llmis.api.middleware import read_json
+from llmis.api.sse import EventStream
+from llmis.engine.jobs import Delta, Failed, Finished
 from llmis.errors import APIError, BadRequestError
-from llmis.jobs import Delta, Failed, Finished
-from llmis.protocol import (
+from llmis.ops.app_keys import MANAGER, SETTINGS
+from llmis.serving.generation import Generation, start_chat
+from llmis.serving.protocol import (
     MAX_NAME_CHARS,
     MAX_TOKENS,
     ChatCompletionRequest,
@@ -39,10 +42,7 @@ from llmis.protocol import (
     compile_grammar,
     now,
 )
-from llmis.serving import Generation, start_chat
-from llmis.sse import EventStream
-from llmis.state import MANAGER, SETTINGS
-from llmis.toolcalls import ContentPiece, OutputParser, Piece
+from llmis.serving.toolcalls import ContentPiece, OutputParser, Piece
 
 __all__ = ["ResponsesRequest", "routes"]
 

@@ -15,11 +15,11 @@ from aiohttp import web
 from pydantic import Field, field_validator
 
 from llmis.api.middleware import read_json
-from llmis.index import Manifest
-from llmis.protocol import LenientModel
-from llmis.request_context import name_model
-from llmis.search import IndexCache, search_index
-from llmis.state import INDEXES, MANAGER, SETTINGS
+from llmis.index.search import IndexCache, search_index
+from llmis.index.store import Manifest
+from llmis.ops.app_keys import INDEXES, MANAGER, SETTINGS
+from llmis.ops.request_context import name_model
+from llmis.serving.protocol import LenientModel
 
 __all__ = ["MAX_TOP_K", "SearchRequest", "routes", "setup"]
 

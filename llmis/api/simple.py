@@ -23,9 +23,12 @@ from aiohttp import web
 from pydantic import ConfigDict, Field
 
 from llmis.api.middleware import read_json
+from llmis.api.sse import EventStream
+from llmis.engine.jobs import Delta, Failed, Finished
 from llmis.errors import BadRequestError
-from llmis.jobs import Delta, Failed, Finished
-from llmis.protocol import (
+from llmis.ops.app_keys import MANAGER, SETTINGS
+from llmis.serving.generation import Generation, start_chat, start_completion
+from llmis.serving.protocol import (
     MAX_NAME_CHARS,
     ChatCompletionRequest,
     ChatMessage,
@@ -34,9 +37,6 @@ from llmis.protocol import (
     compile_grammar,
     usage,
 )
-from llmis.serving import Generation, start_chat, start_completion
-from llmis.sse import EventStream
-from llmis.state import MANAGER, SETTINGS
 
 __all__ = ["InferBody", "LoadModelBody", "routes"]
 

@@ -30,20 +30,20 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
 
 from llmis.api.middleware import parse_json, validation_error
-from llmis.auth import WS_PROTOCOL
-from llmis.chunking import coalesce, pacing
+from llmis.api.sse import within
+from llmis.engine.jobs import Delta, Failed, Finished
 from llmis.errors import APIError, BadRequestError
-from llmis.jobs import Delta, Failed, Finished
-from llmis.logs import finish_request
-from llmis.protocol import ChatCompletionRequest, compile_grammar, usage
-from llmis.ratelimit import RateLimitError
-from llmis.request_context import current_request, new_request_id, request_scope
-from llmis.serving import Generation, start_chat
-from llmis.sse import within
-from llmis.state import MANAGER, OVERSIGHT, SETTINGS
-from llmis.tasks import TaskPlan, plan_chat
-from llmis.toolcalls import chat_deltas
-from llmis.trimming import start_trimmed_chat
+from llmis.ops.app_keys import MANAGER, OVERSIGHT, SETTINGS
+from llmis.ops.auth import WS_PROTOCOL
+from llmis.ops.logs import finish_request
+from llmis.ops.ratelimit import RateLimitError
+from llmis.ops.request_context import current_request, new_request_id, request_scope
+from llmis.serving.chunking import coalesce, pacing
+from llmis.serving.generation import Generation, start_chat
+from llmis.serving.protocol import ChatCompletionRequest, compile_grammar, usage
+from llmis.serving.toolcalls import chat_deltas
+from llmis.serving.trimming import start_trimmed_chat
+from llmis.tasks.plan import TaskPlan, plan_chat
 
 __all__ = ["SOCKETS", "heartbeat_seconds", "routes", "setup"]
 

@@ -1,0 +1,344 @@
+"""The embedding scheduler of a model: one thread that batches every request's inputs together.
+
+It mirrors the generation scheduler (:mod:`llmis.engine.scheduler`): requests queue
+:class:`EmbedJob` s from the event loop; a thread of its own takes every queued job, checks and
+tokenizes all of a job's inputs before any of them is decoded (one bad input fails its whole
+request, 400, before any work), and then decodes batches that mix the rows of every waiting
+request. Each batch first takes one row of every job (so a one-query ``/v1/search`` never waits
+behind a long ``/v1/embeddings`` request), then fills up in arrival order, within
+:attr:`EmbeddingScheduler.batch_tokens` tokens and ``n_seq_max`` sequences. A job's result
+(and its ``then`` step, e.g. a search's top-k, run on this thread) goes back to its event loop
+with ``call_soon_threadsafe`` once its last row is decoded. A cancelled job drops its rows
+before the next batch. A failed decode fails the jobs in that batch only; if the thread itself
+dies, every job gets an error and ``on_failure`` callbacks run (the model is reloaded).
+
+How many tokens go in one decode, and why, is in :mod:`llmis.engine.embedding_context`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from llmis.engine.embedding_context import BATCH_TOKENS, EmbeddingContext, EmbeddingInput, Pooling
+from llmis.engine.jobs import Notify, notify, settle_future
+from llmis.engine.llama import Engine
+from llmis.errors import APIError, ModelUnavailableError, QueueFullError
+
+__all__ = ["EmbedJob", "EmbeddingScheduler", "EmbeddingsResult"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbeddingsResult:
+    """Raw vectors (one row per input, unnormalised) and the tokens the inputs took."""
+
+    vectors: NDArray[np.float32]
+    prompt_tokens: int
+    truncated: int = 0
+
+
+@dataclass(eq=False)
+class EmbedJob:
+    """One request's inputs; settled with ``then(result)`` (or the result) on its loop."""
+
+    inputs: Sequence[EmbeddingInput]
+    pooling: Pooling
+    truncate: bool
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+    then: Callable[[EmbeddingsResult], Any] | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    enqueued_at: float = field(default_factory=time.monotonic)
+    # the scheduler thread's state
+    seqs: list[list[int]] = field(default_factory=list)
+    rows: NDArray[np.float32] | None = None
+    next: int = 0  # the next input to put in a batch
+    done: int = 0  # inputs decoded
+    truncated: int = 0
+
+    def settle(self, result: Any = None, error: BaseException | None = None) -> None:
+        """Thread-safe: complete the future on the job's event loop."""
+        if not settle_future(self.loop, self.future, result, error):
+            self.cancel.set()  # the loop is closed: nobody is listening any more
+
+
+class EmbeddingScheduler:
+    """Batches the embedding jobs of one model on a dedicated thread."""
+
+    def __init__(
+        self,
+        name: str,
+        engine: Engine,
+        queue_size: int,
+        *,
+        batch_tokens: int = BATCH_TOKENS,
+        context: EmbeddingContext | None = None,
+    ) -> None:
+        self.name = name
+        self.engine = engine
+        self.context = context or EmbeddingContext(engine, batch_tokens=batch_tokens)
+        self.batch_tokens = min(batch_tokens, self.context.n_batch)
+        self.queue_size = queue_size
+        self.failure: str | None = None
+        # for tests and /metrics: what the thread decoded
+        self.rows_total = 0
+        self.tokens_total = 0
+        self.decodes_total = 0
+        self._queue: deque[EmbedJob] = deque()
+        self._active: list[EmbedJob] = []
+        self._cond = threading.Condition()
+        self._closing = False
+        self._idle_waiters: list[Notify] = []
+        self._failure_waiters: list[Notify] = []
+        self._thread = threading.Thread(target=self._main, name=f"llmis-embed-{name}", daemon=True)
+        self._thread.start()
+
+    # ----- event-loop side -----
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._queue) or bool(self._active)
+
+    async def embed(
+        self,
+        inputs: Sequence[EmbeddingInput],
+        *,
+        pooling: Pooling = "mean",
+        truncate: bool = False,
+        then: Callable[[EmbeddingsResult], Any] | None = None,
+    ) -> Any:
+        """Queue ``inputs`` and await their :class:`EmbeddingsResult` (or ``then`` of it).
+
+        Raises :class:`QueueFullError` when the queue is full; if the awaiting task is
+        cancelled, the job's remaining rows are dropped.
+        """
+        loop = asyncio.get_running_loop()
+        job = EmbedJob(list(inputs), pooling, truncate, loop, loop.create_future(), then)
+        self.submit(job)
+        try:
+            return await job.future
+        finally:
+            self.cancel(job)
+
+    def submit(self, job: EmbedJob) -> None:
+        with self._cond:
+            if self.failure is not None:
+                raise ModelUnavailableError(f"model '{self.name}' failed; it is being reloaded")
+            if self._closing:
+                raise ModelUnavailableError(f"model '{self.name}' is being unloaded")
+            # queue_size waiting beyond the jobs one batch can hold rows of
+            if len(self._queue) + len(self._active) >= self.queue_size + self.context.n_seq_max:
+                raise QueueFullError(self.name, self.queue_size)
+            self._queue.append(job)
+            self._cond.notify_all()
+
+    def cancel(self, job: EmbedJob) -> None:
+        job.cancel.set()
+        with self._cond, contextlib.suppress(ValueError):
+            self._queue.remove(job)
+
+    def on_failure(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+        """Call ``callback`` on ``loop`` if the thread dies."""
+        with self._cond:
+            if self.failure is None:
+                self._failure_waiters.append((loop, callback))
+                return
+        notify([(loop, callback)])
+
+    async def drain(self) -> None:
+        """Wait (on an event) until no job is queued or running."""
+        loop = asyncio.get_running_loop()
+        while self.busy and self._thread.is_alive():
+            idle = asyncio.Event()
+            with self._cond:
+                if not self.busy:
+                    return
+                self._idle_waiters.append((loop, idle.set))
+            await idle.wait()
+
+    def close(self, timeout: float = 30.0) -> bool:
+        """Fail queued jobs, finish the running ones, free the context (blocking).
+
+        ``False`` when the thread did not stop: then nothing is freed.
+        """
+        with self._cond:
+            self._closing = True
+            dropped = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in dropped:
+            job.settle(error=_unloading(self.name))
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            for job in list(self._active):
+                job.cancel.set()
+            self._thread.join(5.0)
+        if self._thread.is_alive():
+            logger.error("embedding scheduler of %s did not stop; not freed", self.name)
+            return False
+        return True
+
+    # ----- the thread -----
+
+    def _main(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:
+            logger.exception("the embedding scheduler of model %s died", self.name)
+            self._die(f"{type(exc).__name__} in the embedding scheduler")
+        finally:
+            self.context.close()
+            with self._cond:
+                waiters, self._idle_waiters = self._idle_waiters, []
+            notify(waiters)
+
+    def _die(self, reason: str) -> None:
+        error = ModelUnavailableError(
+            f"model '{self.name}' failed while serving ({reason}); retry the request"
+        )
+        with self._cond:
+            self.failure = reason
+            self._closing = True
+            jobs = [*self._queue, *self._active]
+            self._queue.clear()
+            self._active = []
+            waiters, self._failure_waiters = self._failure_waiters, []
+        for job in jobs:
+            job.settle(error=error)
+        notify(waiters)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closing and not self._queue and not self._active:
+                    waiters, self._idle_waiters = self._idle_waiters, []
+                    notify(waiters)
+                    self._cond.wait()
+                if self._closing and not self._active and not self._queue:
+                    return
+                new = list(self._queue)
+                self._queue.clear()
+            admitted = [job for job in new if self._admit(job)]
+            with self._cond:
+                self._active = [j for j in self._active if not j.cancel.is_set()] + admitted
+            if self._active:
+                self._step()
+
+    def _admit(self, job: EmbedJob) -> bool:
+        """Tokenize and check every input of ``job``; a bad one fails the job, undecoded."""
+        if job.cancel.is_set():
+            return False
+        try:
+            job.seqs, job.truncated = self.context.tokenize(job.inputs, job.truncate)
+        except Exception as exc:
+            if not isinstance(exc, APIError):
+                logger.exception("embedding input check failed in model %s", self.name)
+                exc = APIError("the inputs could not be tokenized")
+            job.settle(error=exc)
+            return False
+        job.rows = np.empty((len(job.seqs), self.context.n_embd), dtype=np.float32)
+        return True
+
+    def _pack(self) -> list[tuple[EmbedJob, int]]:
+        """This batch's rows: one of every job first, then in arrival order."""
+        ctx = self.context
+        picked: list[tuple[EmbedJob, int]] = []
+        tokens = 0
+        jobs = self._active
+        taken = {id(job): job.next for job in jobs}
+
+        def take(job: EmbedJob) -> bool:
+            nonlocal tokens
+            at = taken[id(job)]
+            if at >= len(job.seqs) or len(picked) >= ctx.n_seq_max:
+                return False
+            size = len(job.seqs[at])
+            if picked and tokens + size > self.batch_tokens:
+                return False
+            picked.append((job, at))
+            taken[id(job)] = at + 1
+            tokens += size
+            return True
+
+        for job in jobs:
+            take(job)
+        for job in jobs:
+            while take(job):
+                pass
+        for job in jobs:
+            job.next = taken[id(job)]
+        return picked
+
+    def _step(self) -> None:
+        picked = self._pack()
+        if not picked:
+            return
+        seqs = [job.seqs[i] for job, i in picked]
+        # one pooling per batch: jobs of another pooling wait for the next one
+        pooling = picked[0][0].pooling
+        same = [(job, i) for job, i in picked if job.pooling == pooling]
+        for job, i in picked:
+            if job.pooling != pooling:
+                job.next = min(job.next, i)
+        picked, seqs = same, [job.seqs[i] for job, i in same]
+        try:
+            vectors = self.context.decode(seqs, pooling)
+        except APIError as exc:
+            failed = {id(job): job for job, _ in picked}
+            for job in failed.values():
+                job.settle(error=exc)
+            with self._cond:
+                self._active = [j for j in self._active if id(j) not in failed]
+            return
+        self.decodes_total += 1
+        self.rows_total += len(seqs)
+        self.tokens_total += sum(len(s) for s in seqs)
+        for (job, i), vector in zip(picked, vectors, strict=True):
+            assert job.rows is not None
+            job.rows[i] = vector
+            job.done += 1
+        finished = [job for job in self._active if job.done == len(job.seqs)]
+        if not finished:
+            return
+        with self._cond:
+            self._active = [j for j in self._active if j.done < len(j.seqs)]
+        for job in finished:
+            self._finish(job)
+
+    def _finish(self, job: EmbedJob) -> None:
+        assert job.rows is not None
+        result = EmbeddingsResult(job.rows, sum(len(s) for s in job.seqs), job.truncated)
+        if job.then is None:
+            job.settle(result)
+            return
+        try:
+            job.settle(job.then(result))
+        except Exception as exc:
+            if not isinstance(exc, APIError):
+                logger.exception("an embedding job's last step failed in model %s", self.name)
+                exc = APIError("the request failed after embedding; see the server log")
+            job.settle(error=exc)
+
+
+def _unloading(name: str) -> APIError:
+    return ModelUnavailableError(f"model '{name}' was unloaded before this request started")

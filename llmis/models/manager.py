@@ -1,0 +1,667 @@
+"""The model catalog and the RAM-budgeted LRU of loaded models.
+
+Catalog: every configured model, then every ``<models_dir>/*.gguf`` under its file stem
+(configured names win). A name ``base@version`` is a version; an alias (``[aliases]`` in the
+config, or implicitly ``base`` -> the first version in catalog order) points at one version
+and is repointed atomically by :meth:`ModelManager.swap`.
+
+Loaded models: each has its own worker and queue. Before a load, the model's memory is
+predicted (:mod:`llmis.models.budget`); idle, unpinned models are evicted least recently used first
+until it fits the budget, or the load fails with a 503 ``insufficient_memory``. After the load
+the real RSS change is recorded and used from then on. Loads run one at a time (so the RSS
+change belongs to that one model); concurrent requests for a loading model share its load.
+
+Unloading (admin unload, eviction, the old version after a swap) drains the model first: new
+requests wait for the unload and then load it again; leased, running and queued jobs finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from llmis.config import ModelSettings, Settings
+from llmis.engine.llama import Engine
+from llmis.engine.scheduler import Scheduler
+from llmis.errors import (
+    APIError,
+    BadRequestError,
+    ModelFileError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+)
+from llmis.models.budget import (
+    fitting_context,
+    predict_memory,
+    process_rss,
+    release_free_heap,
+    resolve_budget,
+)
+from llmis.models.entry import ModelEntry, ModelState
+from llmis.models.files import resolve_resource, safe_model_path
+from llmis.models.gguf import GGUFInfo, GGUFInfoCache
+from llmis.models.splits import is_continuation_part
+
+__all__ = ["ModelManager", "default_threads"]
+
+logger = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+_STEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]*")
+
+
+def default_threads() -> int:
+    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a name the OS refuses (too long: ENAMETOOLONG)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _mib(n: int) -> str:
+    return f"{n / MiB:.0f} MiB"
+
+
+class ModelManager:
+    """Owns every model entry and its worker; all methods run on the event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.models_dir = settings.server.models_dir
+        self.budget = resolve_budget(settings.server.ram_budget)
+        self.evictions: dict[str, int] = {}
+        self._entries: dict[str, ModelEntry] = {m.name: ModelEntry(m) for m in settings.models}
+        self._aliases: dict[str, str] = dict(settings.aliases)
+        self._infos = GGUFInfoCache()
+        self._load_lock = asyncio.Lock()
+        self._startup: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._add_dir_entries(self._list_dir())
+
+    # ----- catalog -----
+
+    def entries(self) -> list[ModelEntry]:
+        return list(self._entries.values())
+
+    def aliases(self) -> dict[str, str]:
+        """Alias -> the model name it points at now."""
+        return dict(self._aliases)
+
+    def openai_objects(self) -> list[dict[str, Any]]:
+        """Every entry, then every alias whose target exists, as OpenAI model objects."""
+        data = [e.openai_object() for e in self._entries.values()]
+        for alias, target in self._aliases.items():
+            if target in self._entries:
+                data.append(self._entries[target].openai_object(alias))
+        return data
+
+    def resolve(self, name: str) -> str:
+        return self._aliases.get(name, name)
+
+    def entry(self, name: str) -> ModelEntry:
+        """The entry for ``name`` (an alias resolves to its current version).
+
+        A name not in the catalog is looked up as ``<models_dir>/<name>.gguf`` once more, so a
+        file dropped in since the last scan is found.
+        """
+        target = self.resolve(name)
+        entry = self._entries.get(target)
+        dropped = self.models_dir / f"{target}.gguf"
+        if (
+            entry is None
+            and _STEM.fullmatch(target)
+            and _is_file(dropped)
+            and not is_continuation_part(dropped)  # parts 2..N load through part 1
+        ):
+            self._add_dir_entries([dropped])
+            entry = self._entries.get(self.resolve(name))
+        if entry is None:
+            raise ModelNotFoundError(name)
+        return entry
+
+    @property
+    def ready(self) -> bool:
+        """True once the startup loads are done; lazy loads later do not change it."""
+        return self._startup is None or self._startup.done()
+
+    def _list_dir(self) -> list[Path]:
+        try:
+            found = self.models_dir.glob("*.gguf")
+            return sorted(p for p in found if p.is_file() and not is_continuation_part(p))
+        except OSError:
+            return []
+
+    def _add_dir_entries(self, paths: list[Path]) -> None:
+        for path in paths:
+            name = path.stem
+            if name in self._entries or name in self._aliases:
+                continue
+            if not _STEM.fullmatch(name):
+                logger.warning("ignoring %s: its name is not a valid model name", path.name)
+                continue
+            model = ModelSettings(name=name, path=Path(path.name))
+            self._entries[name] = ModelEntry(model, source="models_dir")
+        for name in self._entries:
+            base, at, _ = name.partition("@")
+            if at and base and base not in self._entries and base not in self._aliases:
+                self._aliases[base] = name
+
+    async def refresh(self) -> None:
+        """Rescan the models dir and read the GGUF metadata of entries not read yet."""
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(None, self._list_dir)
+        self._add_dir_entries(found)
+        names = {p.stem for p in found}
+        for entry in list(self._entries.values()):
+            if (
+                entry.source == "models_dir"
+                and entry.name not in names
+                and entry.state in (ModelState.AVAILABLE, ModelState.FAILED)
+            ):
+                del self._entries[entry.name]
+        todo = [
+            e
+            for e in self._entries.values()
+            if e.info is None and e.state is not ModelState.LOADING and e.settings.path is not None
+        ]
+        for entry in todo:
+            try:
+                path = await loop.run_in_executor(None, self.resolve_path, entry.settings)
+                entry.info = await loop.run_in_executor(None, self._infos.get, path)
+                entry.path = path
+                self._effective_settings(entry, entry.info, log=False)
+            except APIError as exc:
+                entry.error = exc.message
+
+    # ----- lifecycle -----
+
+    async def start(self) -> None:
+        """Read the catalog, then load the configured models in the background, in order,
+        while they fit the budget (startup loads never evict each other)."""
+        await self.refresh()
+        self._startup = asyncio.get_running_loop().create_task(self._preload())
+
+    async def _preload(self) -> None:
+        for entry in list(self._entries.values()):
+            if entry.source != "config" or entry.state is not ModelState.AVAILABLE:
+                continue
+            task = self._start_load(entry, evict=False)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        tasks: list[asyncio.Task[Any]] = [*self._background]
+        if self._startup is not None:
+            tasks.append(self._startup)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for entry in self._entries.values():
+            for pending in (entry.load_task, entry.unload_task):
+                if pending is not None and not pending.done():
+                    await asyncio.gather(pending, return_exceptions=True)
+            if entry.worker is not None:
+                worker, entry.worker = entry.worker, None
+                await loop.run_in_executor(None, worker.close)
+                entry.state = ModelState.AVAILABLE
+
+    # ----- getting a worker -----
+
+    async def acquire(self, name: str) -> Scheduler:
+        """Return the worker of model ``name``, loading it first if need be.
+
+        Prefer :meth:`lease`: a worker returned here is not protected from eviction until a
+        job is queued on it.
+        """
+        return await self._ready_worker(self.entry(name))
+
+    @contextlib.asynccontextmanager
+    async def lease(self, name: str) -> AsyncIterator[Scheduler]:
+        """The worker of ``name`` (loaded if need be), never evicted or unloaded while held.
+
+        Hold it from picking the model until the request's jobs are queued; queued and running
+        jobs protect the model from then on.
+        """
+        entry = self.entry(name)
+        worker = await self._ready_worker(entry)
+        entry.leases += 1  # no await since the worker was checked: it is still loaded
+        try:
+            yield worker
+        finally:
+            entry.leases -= 1
+            entry.changed.set()
+
+    async def _ready_worker(self, entry: ModelEntry, *, retry: bool = False) -> Scheduler:
+        while True:
+            entry.last_used = time.time()
+            if entry.state is ModelState.LOADED and entry.worker is not None:
+                return entry.worker
+            if entry.state is ModelState.FAILED and not retry:
+                wait = entry.retry_at - time.monotonic()
+                if wait > 0:  # a failed load is retried with backoff, not on every request
+                    raise ModelUnavailableError(
+                        f"model '{entry.name}' failed to load; it is retried in {wait:.0f}s "
+                        "(the reason is in the server log)",
+                        param="model",
+                        code="model_failed",
+                        headers={"Retry-After": str(max(1, round(wait)))},
+                    )
+            if entry.state is ModelState.UNLOADING and entry.unload_task is not None:
+                await asyncio.shield(entry.unload_task)
+                continue
+            task = entry.load_task if entry.state is ModelState.LOADING else None
+            if task is None:
+                task = self._start_load(entry, evict=True)
+            try:
+                await asyncio.shield(task)
+            except APIError as exc:
+                if exc.code == "insufficient_memory" and not entry.load_evicts:
+                    continue  # a startup load, which never evicts: try again, evicting
+                raise
+            except Exception:  # the reason is in the log (and /healthz for admins)
+                raise ModelUnavailableError(
+                    f"model '{entry.name}' failed to load; see the server log"
+                ) from None
+
+    def _start_load(self, entry: ModelEntry, *, evict: bool) -> asyncio.Task[Scheduler]:
+        entry.state = ModelState.LOADING
+        entry.error = None
+        entry.load_evicts = evict
+        task = asyncio.get_running_loop().create_task(self._load(entry, evict))
+        entry.load_task = task
+        return task
+
+    async def _load(self, entry: ModelEntry, evict: bool) -> Scheduler:
+        loop = asyncio.get_running_loop()
+        async with self._load_lock:
+            try:
+                path = await loop.run_in_executor(None, self.resolve_path, entry.settings)
+                info = await loop.run_in_executor(None, self._infos.get, path)
+                entry.path, entry.info = path, info
+                model = self._effective_settings(entry, info)
+                prediction = predict_memory(info, model.n_ctx, model.n_batch, model.n_slots)
+                entry.predicted_bytes = prediction.total
+                await self._make_room(entry, entry.measured_bytes or prediction.total, evict)
+                started = time.monotonic()
+                release_free_heap()
+                before = process_rss()
+                worker = await loop.run_in_executor(None, self._load_blocking, model, path)
+                entry.measured_bytes = max(process_rss() - before, 0)
+                entry.load_seconds = time.monotonic() - started
+            except Exception as exc:
+                fits_later = isinstance(exc, APIError) and exc.code == "insufficient_memory"
+                entry.state = ModelState.AVAILABLE if fits_later else ModelState.FAILED
+                entry.error = exc.message if isinstance(exc, APIError) else str(exc)
+                if not fits_later:
+                    entry.record_failure()
+                logger.error("model %s was not loaded: %s", entry.name, entry.error)
+                raise
+        entry.worker = worker
+        entry.state = ModelState.LOADED
+        entry.failures = 0
+        entry.last_used = time.time()
+        worker.on_failure(loop, lambda: self._scheduler_died(entry, worker))
+        logger.info(
+            "model %s loaded from %s in %.2fs: predicted %s, measured %s",
+            entry.name,
+            path,
+            entry.load_seconds,
+            _mib(prediction.total),
+            _mib(entry.measured_bytes),
+        )
+        return worker
+
+    def _effective_settings(
+        self, entry: ModelEntry, info: GGUFInfo, *, log: bool = True
+    ) -> ModelSettings:
+        """The settings a load uses. A file dropped in the models dir names no context: it
+        gets its trained context, halved while it would not fit the RAM budget (logged)."""
+        model = entry.settings
+        if entry.source != "models_dir" or "n_ctx" in model.model_fields_set:
+            entry.n_ctx = model.n_ctx
+            return model
+        n_ctx, trained = fitting_context(info, model.n_batch, model.n_slots, self.budget)
+        entry.n_ctx = n_ctx
+        if log:
+            why = (
+                "its trained context"
+                if n_ctx == trained
+                else f"its trained context {trained} halved to fit the RAM budget "
+                f"({_mib(self.budget)}, {model.n_slots} slots)"
+                if trained
+                else "its GGUF names no trained context"
+            )
+            logger.info(
+                "model %s (dropped in the models dir) gets n_ctx %d: %s; give it a "
+                "[[models]] entry with n_ctx to choose another",
+                entry.name,
+                n_ctx,
+                why,
+            )
+        return model.model_copy(update={"n_ctx": n_ctx})
+
+    # ----- memory -----
+
+    def used_bytes(self, exclude: ModelEntry | None = None) -> int:
+        """RAM held by loaded (and unloading) models, measured where known."""
+        held = (ModelState.LOADED, ModelState.UNLOADING)
+        return sum(
+            e.ram_bytes for e in self._entries.values() if e is not exclude and e.state in held
+        )
+
+    def _victim(self, exclude: ModelEntry) -> ModelEntry | None:
+        candidates = [
+            e
+            for e in self._entries.values()
+            if e is not exclude and e.state is ModelState.LOADED and not e.pinned and e.idle
+        ]
+        return min(candidates, key=lambda e: e.last_used or 0.0, default=None)
+
+    async def _make_room(self, entry: ModelEntry, need: int, evict: bool) -> None:
+        while True:
+            used = self.used_bytes(entry)
+            available = psutil.virtual_memory().available
+            if used + need <= self.budget and need <= available:
+                return
+            draining = [
+                e.unload_task
+                for e in self._entries.values()
+                if e.state is ModelState.UNLOADING and e.unload_task is not None
+            ]
+            if draining:
+                await asyncio.wait(draining)
+                continue
+            victim = self._victim(entry) if evict else None
+            if victim is None:
+                raise self._no_room(entry, need, used, available, evict)
+            logger.info(
+                "evicting %s (%s, last used %.0fs ago) to load %s",
+                victim.name,
+                _mib(victim.ram_bytes),
+                time.time() - (victim.last_used or 0.0),
+                entry.name,
+            )
+            self.evictions[victim.name] = self.evictions.get(victim.name, 0) + 1
+            await self._begin_unload(victim)
+
+    def _no_room(
+        self, entry: ModelEntry, need: int, used: int, available: int, evict: bool
+    ) -> APIError:
+        kind = "measured" if entry.measured_bytes else "predicted"
+        held = [
+            f"{e.name} ({_mib(e.ram_bytes)}, {'pinned' if e.pinned else 'busy'})"
+            for e in self._entries.values()
+            if e is not entry and e.state is ModelState.LOADED
+        ]
+        if need > available:
+            why = f"only {_mib(available)} of system memory is available"
+        elif need > self.budget:
+            why = "the model alone is larger than the budget"
+        elif not evict:
+            why = f"{_mib(used)} is held by models loaded before it (startup loads never evict)"
+        else:
+            why = f"{_mib(used)} is held by models that cannot be evicted now: " + ", ".join(held)
+        return ModelUnavailableError(
+            f"Not enough memory to load model '{entry.name}': it needs {_mib(need)} ({kind}) "
+            f"and the RAM budget is {_mib(self.budget)}; {why}. Retry later, unload a model "
+            "(POST /admin/models/unload) or raise [server] ram_budget.",
+            param="model",
+            code="insufficient_memory",
+            headers={"Retry-After": "5"},
+        )
+
+    # ----- unloading -----
+
+    def _begin_unload(self, entry: ModelEntry) -> asyncio.Task[None]:
+        if entry.unload_task is not None and not entry.unload_task.done():
+            return entry.unload_task
+        entry.state = ModelState.UNLOADING
+        task = asyncio.get_running_loop().create_task(self._drain_and_close(entry))
+        entry.unload_task = task
+        return task
+
+    def _scheduler_died(self, entry: ModelEntry, worker: Scheduler) -> None:
+        """The model's scheduler thread died: its requests have their errors; mark the model
+        failed (retried with backoff) and free it."""
+        if entry.worker is not worker:
+            return
+        entry.worker = None
+        entry.state = ModelState.FAILED
+        entry.error = f"its scheduler failed ({worker.failure})"
+        entry.record_failure()
+        logger.error("model %s: %s", entry.name, entry.error)
+        task = asyncio.get_running_loop().create_task(self._close_worker(worker))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _close_worker(self, worker: Scheduler) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, worker.close)
+        release_free_heap()
+
+    async def _wait_idle(self, entry: ModelEntry) -> None:
+        """Until no request holds ``entry`` and its scheduler has nothing queued or running
+        (woken by events: a lease released, the scheduler gone idle)."""
+        while not entry.idle:
+            worker = entry.worker
+            if worker is not None and worker.busy:
+                await worker.drain()
+                continue
+            entry.changed.clear()
+            if not entry.idle:
+                await entry.changed.wait()
+
+    async def _drain_and_close(self, entry: ModelEntry) -> None:
+        await self._wait_idle(entry)
+        worker, entry.worker = entry.worker, None
+        try:
+            if worker is not None:
+                await self._close_worker(worker)
+        finally:
+            entry.state = ModelState.AVAILABLE
+            entry.unload_task = None
+            entry.idle_expiry = None
+        logger.info("model %s unloaded", entry.name)
+
+    async def unload(self, name: str) -> ModelEntry:
+        """Drain model ``name`` (its leased, running and queued jobs finish), then free it."""
+        entry = self._entries.get(name) or self.entry(name)
+        if entry.state is ModelState.LOADING and entry.load_task is not None:
+            await asyncio.gather(asyncio.shield(entry.load_task), return_exceptions=True)
+        if entry.state in (ModelState.LOADED, ModelState.UNLOADING):
+            await asyncio.shield(self._begin_unload(entry))
+        return entry
+
+    # ----- admin: explicit loads and version swaps -----
+
+    async def load(
+        self,
+        name: str,
+        *,
+        path: Path | None = None,
+        n_ctx: int | None = None,
+        n_gpu_layers: int | None = None,
+        pin: bool | None = None,
+        replace: bool = False,
+    ) -> ModelEntry:
+        """Load ``name`` now; with ``path``, define it as that file in the models dir.
+
+        Pointing an existing name at another file is a 409 unless ``replace`` is true.
+        """
+        entry = self._entries.get(name)
+        update: dict[str, Any] = {}
+        if n_ctx is not None:
+            update["n_ctx"] = n_ctx
+        if n_gpu_layers is not None:
+            update["n_gpu_layers"] = n_gpu_layers
+        if path is not None:
+            loop = asyncio.get_running_loop()
+            resolved = await loop.run_in_executor(None, safe_model_path, path, self.models_dir)
+            if not replace:
+                await self._refuse_repoint(name, entry, path, resolved)
+            await loop.run_in_executor(None, self._infos.get, resolved)  # 400 if not GGUF
+            update.update(path=resolved, resource=None)
+        if entry is None and path is None:
+            entry = self.entry(name)
+        if entry is not None and update:
+            changed = {k: v for k, v in update.items() if getattr(entry.settings, k) != v}
+            if changed and entry.state in (ModelState.LOADED, ModelState.LOADING):
+                raise APIError(
+                    f"model '{name}' is loaded with other settings "
+                    f"({', '.join(sorted(changed))}); unload it first",
+                    param="name",
+                    code="model_loaded",
+                    status=409,
+                )
+        if entry is None:
+            settings = ModelSettings.model_validate({"name": name, "path": update["path"]})
+            entry = ModelEntry(settings.model_copy(update=update), source="admin")
+            self._entries[name] = entry
+        elif update and entry.state not in (ModelState.LOADED, ModelState.LOADING):
+            entry.settings = entry.settings.model_copy(update=update)
+            entry.info = entry.path = entry.measured_bytes = None
+        if pin is not None:
+            entry.pinned = pin
+        await self._ready_worker(entry, retry=True)
+        return entry
+
+    async def _refuse_repoint(
+        self, name: str, entry: ModelEntry | None, path: Path, resolved: Path
+    ) -> None:
+        """409 if ``name`` exists (a model or an alias) and is not the file ``resolved``."""
+        if entry is None and name not in self._aliases:
+            return
+        current = entry.path if entry is not None else None
+        if entry is not None and current is None:
+            loop = asyncio.get_running_loop()
+            with contextlib.suppress(APIError):
+                current = await loop.run_in_executor(None, self.resolve_path, entry.settings)
+        if current == resolved:
+            return
+        what = "a model" if entry is not None else "an alias"
+        raise APIError(
+            f"'{name}' is already {what} with another file; send \"replace\": true to point "
+            f"it at '{path}'",
+            param="path",
+            code="model_exists",
+            status=409,
+        )
+
+    def _version(self, alias: str, to: str) -> ModelEntry:
+        for candidate in (f"{alias}@{to}", to):
+            with contextlib.suppress(ModelNotFoundError):
+                return self.entry(candidate)
+        raise ModelNotFoundError(to)
+
+    async def swap(self, alias: str, to: str) -> tuple[str | None, ModelEntry]:
+        """Load version ``to`` of ``alias``, then repoint the alias in one step.
+
+        Requests already holding the old version finish there; the old version is unloaded
+        in the background once drained (unless pinned or still the target of another alias).
+        Returns the old target and the new entry.
+        """
+        if alias in self._entries:
+            raise BadRequestError(
+                f"'{alias}' is a model, not an alias", param="alias", code="not_an_alias"
+            )
+        target = self._version(alias, to)
+        await self._ready_worker(target)
+        old = self._aliases.get(alias)
+        self._aliases[alias] = target.name  # the atomic step: no await since the load
+        logger.info("alias %s: %s -> %s", alias, old, target.name)
+        retired = self._entries.get(old) if old is not None and old != target.name else None
+        if (
+            retired is not None
+            and not retired.pinned
+            and retired.name not in self._aliases.values()
+            and retired.state is ModelState.LOADED
+        ):
+            task = asyncio.get_running_loop().create_task(self._retire(retired))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return old, target
+
+    # ----- Ollama's keep_alive -----
+
+    def keep_alive(self, name: str, seconds: float) -> None:
+        """After a request: ``seconds`` < 0 keeps ``name`` loaded (pinned), 0 unloads it once
+        idle, > 0 unloads it after that many idle seconds. A model pinned in the config
+        stays loaded whatever a request asks."""
+        entry = self.entry(name)
+        if entry.settings.pin or entry.state is not ModelState.LOADED:
+            return
+        entry.last_used = time.time()
+        if entry.expiry_task is not None:
+            entry.expiry_task.cancel()
+            entry.expiry_task = None
+        entry.pinned = seconds < 0
+        entry.idle_expiry = None if seconds < 0 else seconds
+        if seconds >= 0:
+            task = asyncio.get_running_loop().create_task(self._expire(entry))
+            entry.expiry_task = task
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _expire(self, entry: ModelEntry) -> None:
+        """Unload ``entry`` once it has been idle for its ``idle_expiry``."""
+        while entry.state is ModelState.LOADED and entry.idle_expiry is not None:
+            due = entry.expires_at
+            if due is None:
+                return
+            if due > time.time():
+                await asyncio.sleep(due - time.time())
+                continue
+            if not entry.idle:
+                await self._wait_idle(entry)
+                continue
+            entry.expiry_task = None
+            entry.idle_expiry = None
+            logger.info("model %s: keep_alive expired, unloading", entry.name)
+            await asyncio.shield(self._begin_unload(entry))
+            return
+
+    async def _retire(self, entry: ModelEntry) -> None:
+        await asyncio.shield(self._begin_unload(entry))
+
+    # ----- blocking work (executor threads) -----
+
+    def resolve_path(self, model: ModelSettings) -> Path:
+        if model.resource is not None:
+            return resolve_resource(model.resource, self.models_dir)
+        if model.path is None:
+            raise ModelFileError(f"model '{model.name}' names no file")
+        return safe_model_path(model.path, self.models_dir)
+
+    def _load_blocking(self, model: ModelSettings, path: Path) -> Scheduler:
+        threads = model.threads or self.settings.server.threads or default_threads()
+        engine = Engine(
+            path,
+            n_ctx=model.n_ctx,
+            n_batch=model.n_batch,
+            n_gpu_layers=model.n_gpu_layers,
+            threads=threads,
+            chat_format=model.chat_format,
+            embedding=model.embedding,
+            flash_attn=model.flash_attn,
+        )
+        return self._make_worker(model, engine)
+
+    def _make_worker(self, model: ModelSettings, engine: Engine) -> Scheduler:
+        """The one place a model's scheduler is built."""
+        try:
+            return Scheduler(model.name, engine, model.queue_size, model.n_slots)
+        except BaseException:
+            engine.close()
+            raise
