@@ -68,6 +68,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check llmis tests scripts
 	$(BIN)/ruff check llmis tests scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 check: lint test
 

@@ -23,9 +23,9 @@ from llmis.api import (
 from llmis.api.middleware import error_middleware
 from llmis.config import Settings
 from llmis.models.manager import ModelManager
-from llmis.ops.app_keys import MANAGER, SETTINGS
+from llmis.ops.app_keys import MANAGER, PRESETS, SETTINGS
 from llmis.ops.wiring import Operations
-from llmis.tasks import presets
+from llmis.tasks.presets import Presets
 
 __all__ = ["create_app"]
 
@@ -40,7 +40,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[MANAGER] = manager
     ops.setup(app)
-    presets.setup(app, settings)
+    app[PRESETS] = Presets(settings)
 
     async def models_ctx(app: web.Application) -> AsyncIterator[None]:
         await app[MANAGER].start()

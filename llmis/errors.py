@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmis.ops.request_context import current_request
-
 __all__ = [
     "APIError",
     "BadRequestError",
@@ -29,12 +27,16 @@ def shown(text: str, limit: int = 200) -> str:
 
 
 def error_body(
-    message: str, type_: str, param: str | None = None, code: str | None = None
+    message: str,
+    type_: str,
+    param: str | None = None,
+    code: str | None = None,
+    request_id: str | None = None,
 ) -> dict[str, Any]:
+    """OpenAI's error body; ``request_id`` (the request's id) is added when given."""
     error: dict[str, Any] = {"message": message, "type": type_, "param": param, "code": code}
-    request = current_request()
-    if request is not None:
-        error["request_id"] = request.id
+    if request_id is not None:
+        error["request_id"] = request_id
     return {"error": error}
 
 
@@ -69,8 +71,8 @@ class APIError(Exception):
             return "invalid_request_error"
         return self.type
 
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.error_type, self.param, self.code)
+    def body(self, request_id: str | None = None) -> dict[str, Any]:
+        return error_body(self.message, self.error_type, self.param, self.code, request_id)
 
 
 class BadRequestError(APIError):

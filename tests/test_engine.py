@@ -9,7 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from llmis.engine.llama import Engine, SamplingParams, TextStream, _stop_holdback
+from llmis.engine.llama import Engine
+from llmis.engine.sampling import SamplingParams, TextStream, _stop_holdback
 from llmis.errors import APIError
 from tests.conftest import smollm_path
 

@@ -29,7 +29,8 @@ from llmis.config import CorsSettings, ServerSettings
 from llmis.hub.client import HubError, RemoteFile, RepoListing, checked_sha256, download
 from llmis.ops.cors import Cors
 from llmis.ops.origin import OriginPolicy, split_host
-from llmis.serving.protocol import ChatCompletionRequest, compile_grammar
+from llmis.serving.formats import compile_grammar, request_grammar
+from llmis.serving.protocol import ChatCompletionRequest
 from tests.conftest import (
     OPS_USER_KEY,
     REPO,
@@ -284,14 +285,14 @@ async def test_a_json_schema_is_compiled_off_the_event_loop(
         threads.append(threading.get_ident())
         return 'root ::= "{}"'
 
-    monkeypatch.setattr("llmis.serving.protocol.json_schema_to_gbnf", converter)
+    monkeypatch.setattr("llmis.engine.grammar.json_schema_to_gbnf", converter)
     fmt = {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}
     request = ChatCompletionRequest.model_validate(chat_body(response_format=fmt))
     assert threads == []  # validation (on the loop) does not compile
     await compile_grammar(request)
     assert threads and threads[0] != threading.get_ident()
     assert request.response_format is not None
-    assert request.response_format.grammar == 'root ::= "{}"'
+    assert request_grammar(request) == 'root ::= "{}"'
     assert len(threads) == 1  # compiled once
 
 

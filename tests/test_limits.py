@@ -11,7 +11,7 @@ import pytest
 
 from llmis.config import LimitSettings
 from llmis.engine.jobs import Delta, Failed, Finished, Job, Started
-from llmis.engine.llama import SamplingParams
+from llmis.engine.sampling import SamplingParams
 from llmis.ops.policy import Guard
 from llmis.ops.ratelimit import RateLimiter, RateLimitError
 from tests.conftest import OPS_USER_KEY, RunningServer, smollm_config

@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from llmis.engine.jobs import Job
-from llmis.engine.llama import SamplingParams
+from llmis.engine.sampling import SamplingParams
 from llmis.errors import APIError
 from llmis.ops.shutdown import ServerShuttingDownError, Shutdown
 from tests.conftest import RunningServer, smollm_config

@@ -20,13 +20,13 @@ from typing import Any
 from aiohttp import web
 
 from llmis.api.anthropic_protocol import CountTokensRequest, MessagesRequest
-from llmis.api.middleware import read_json
+from llmis.api.middleware import read_json, request_policy
 from llmis.api.sse import EventStream
 from llmis.engine.jobs import Delta, Failed, Finished
 from llmis.ops.app_keys import MANAGER, SETTINGS
 from llmis.ops.families import error_for
+from llmis.serving.formats import compile_grammar
 from llmis.serving.generation import Generation, count_chat_tokens, start_chat
-from llmis.serving.protocol import compile_grammar
 from llmis.serving.toolcalls import ContentPiece, OutputParser, Piece
 
 __all__ = ["routes", "stop_reason"]
@@ -92,7 +92,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     req = MessagesRequest.model_validate(await read_json(request))
     chat = req.to_openai()
     await compile_grammar(chat)
-    generation = await start_chat(request.app[MANAGER], chat)
+    generation = await start_chat(request.app[MANAGER], chat, request_policy(request, chat.model))
     id_ = f"msg_{uuid.uuid4().hex[:24]}"
     try:
         if req.stream:

@@ -9,10 +9,10 @@ with an admin key, or, with auth off, a client on a loopback address.
 
 from __future__ import annotations
 
-import llama_cpp
 from aiohttp import web
 
 from llmis import __version__
+from llmis.engine.llama import backend_info
 from llmis.models.entry import ModelState
 from llmis.ops.app_keys import MANAGER
 from llmis.ops.auth import KEYRING, is_admin_request
@@ -47,10 +47,4 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/version")
 async def version(request: web.Request) -> web.Response:
-    return web.json_response(
-        {
-            "version": __version__,
-            "llama_cpp_python": llama_cpp.__version__,
-            "system_info": llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(),
-        }
-    )
+    return web.json_response({"version": __version__, **backend_info()})

@@ -11,12 +11,22 @@ from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
 from llmis.errors import APIError, BadRequestError
-from llmis.ops.app_keys import SETTINGS
+from llmis.ops.app_keys import OVERSIGHT, SETTINGS
 from llmis.ops.families import api_family, error_for, family_error_body
+from llmis.ops.policy import Guard
+from llmis.ops.request_context import REQUEST_CONTEXT
 
-__all__ = ["error_middleware", "parse_json", "read_json", "validation_error"]
+__all__ = ["error_middleware", "parse_json", "read_json", "request_policy", "validation_error"]
 
 logger = logging.getLogger(__name__)
+
+
+def request_policy(request: web.Request, model: str) -> Guard:
+    """The policy (caps, timeouts, content filter, metrics) of ``request``'s generation on
+    ``model``, to pass to the serving layer."""
+    app = request.app
+    return Guard.for_request(model, app[SETTINGS], app.get(OVERSIGHT), request.get(REQUEST_CONTEXT))
+
 
 _HTTP_TYPES = {
     400: "invalid_request_error",

@@ -26,7 +26,7 @@ from aiohttp import web
 from numpy.typing import NDArray
 
 from llmis import __version__
-from llmis.api.middleware import read_json
+from llmis.api.middleware import read_json, request_policy
 from llmis.api.ollama_protocol import (
     OllamaChatRequest,
     OllamaDeleteRequest,
@@ -50,8 +50,9 @@ from llmis.ops.auth import KEYRING, PermissionDeniedError, is_admin_request
 from llmis.ops.families import error_for
 from llmis.serving import embeddings as embedding
 from llmis.serving.embeddings import Embeddings, lease_embedder, truncate_dimensions
+from llmis.serving.formats import compile_grammar
 from llmis.serving.generation import Generation, start_chat, start_completion
-from llmis.serving.protocol import ChatCompletionRequest, compile_grammar
+from llmis.serving.protocol import ChatCompletionRequest
 from llmis.serving.toolcalls import ContentPiece, OutputParser, Piece
 
 __all__ = ["OLLAMA_API_VERSION", "NdjsonStream", "routes"]
@@ -314,7 +315,10 @@ async def _generate(
     manager = request.app[MANAGER]
     await compile_grammar(req)
     templated = isinstance(req, ChatCompletionRequest)
-    generation = await (start_chat(manager, req) if templated else start_completion(manager, req))
+    guard = request_policy(request, req.model)
+    generation = await (
+        start_chat(manager, req, guard) if templated else start_completion(manager, req, guard)
+    )
     clock = _Clock(started)
     try:
         if stream:

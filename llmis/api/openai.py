@@ -6,29 +6,28 @@ import dataclasses
 
 from aiohttp import web
 
-from llmis.api.middleware import read_json
-from llmis.api.sse import EventStream
-from llmis.engine.jobs import Delta, Failed, Finished
-from llmis.engine.logprobs import chat_logprobs, completion_logprobs
-from llmis.errors import ModelNotFoundError
-from llmis.ops.app_keys import MANAGER, SETTINGS
-from llmis.serving.chunking import coalesce, pacing
-from llmis.serving.generation import Generation, start_chat, start_completion
-from llmis.serving.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
+from llmis.api.middleware import read_json, request_policy
+from llmis.api.openai_bodies import (
     chat_chunk,
     chat_response,
-    compile_grammar,
     completion_chunk,
     completion_response,
     new_id,
     now,
     usage_chunk,
 )
+from llmis.api.sse import EventStream
+from llmis.engine.jobs import Delta, Failed, Finished
+from llmis.engine.logprobs import chat_logprobs, completion_logprobs
+from llmis.errors import ModelNotFoundError
+from llmis.ops.app_keys import MANAGER, PRESETS, SETTINGS, task_services
+from llmis.ops.families import error_for
+from llmis.serving.chunking import coalesce, pacing
+from llmis.serving.formats import compile_grammar
+from llmis.serving.generation import Generation, start_chat, start_completion
+from llmis.serving.protocol import ChatCompletionRequest, CompletionRequest
 from llmis.serving.toolcalls import chat_deltas, tool_call_objects
 from llmis.tasks.plan import TaskPlan, plan_chat
-from llmis.tasks.presets import PRESETS
 
 __all__ = ["routes"]
 
@@ -60,9 +59,9 @@ async def get_model(request: web.Request) -> web.Response:
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    req, plan = await plan_chat(request.app, await read_json(request))
+    req, plan = await plan_chat(task_services(request.app), await read_json(request))
     await compile_grammar(req)
-    generation = await start_chat(request.app[MANAGER], req)
+    generation = await start_chat(request.app[MANAGER], req, request_policy(request, req.model))
     if plan is not None:  # a preset: the response names it
         generation = dataclasses.replace(generation, model=plan.model_id)
     try:
@@ -95,7 +94,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def completions(request: web.Request) -> web.StreamResponse:
     req = CompletionRequest.model_validate(await read_json(request))
     await compile_grammar(req)
-    generation = await start_completion(request.app[MANAGER], req)
+    generation = await start_completion(
+        request.app[MANAGER], req, request_policy(request, req.model)
+    )
     try:
         if req.stream:
             return await _stream_completion(request, req, generation)
@@ -171,7 +172,7 @@ async def _stream_chat(
                         )
                     )
             elif isinstance(event, Failed):
-                await sse.send(event.error.body())
+                await sse.send(error_for("openai", event.error))
         await sse.done()
     except ConnectionResetError:
         pass  # the client left; the caller cancels the job
@@ -213,7 +214,7 @@ async def _stream_completion(
                         completion_chunk(id_, model, created, index, "", event.finish_reason, usage)
                     )
                 elif isinstance(event, Failed):
-                    await sse.send(event.error.body())
+                    await sse.send(error_for("openai", event.error))
         if usage:
             await sse.send(
                 usage_chunk(

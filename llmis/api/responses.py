@@ -28,20 +28,15 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import Field
 
-from llmis.api.middleware import read_json
+from llmis.api.middleware import read_json, request_policy
+from llmis.api.openai_bodies import now
 from llmis.api.sse import EventStream
 from llmis.engine.jobs import Delta, Failed, Finished
 from llmis.errors import APIError, BadRequestError
 from llmis.ops.app_keys import MANAGER, SETTINGS
+from llmis.serving.formats import compile_grammar
 from llmis.serving.generation import Generation, start_chat
-from llmis.serving.protocol import (
-    MAX_NAME_CHARS,
-    MAX_TOKENS,
-    ChatCompletionRequest,
-    LenientModel,
-    compile_grammar,
-    now,
-)
+from llmis.serving.protocol import MAX_NAME_CHARS, MAX_TOKENS, ChatCompletionRequest, LenientModel
 from llmis.serving.toolcalls import ContentPiece, OutputParser, Piece
 
 __all__ = ["ResponsesRequest", "routes"]
@@ -374,7 +369,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     req = ResponsesRequest.model_validate(await read_json(request))
     chat = req.chat_request()
     await compile_grammar(chat)
-    generation = await start_chat(request.app[MANAGER], chat)
+    generation = await start_chat(request.app[MANAGER], chat, request_policy(request, chat.model))
     try:
         if req.stream:
             return await _stream(request, req, generation)

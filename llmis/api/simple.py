@@ -22,11 +22,14 @@ from typing import Any
 from aiohttp import web
 from pydantic import ConfigDict, Field
 
-from llmis.api.middleware import read_json
+from llmis.api.middleware import read_json, request_policy
+from llmis.api.openai_bodies import usage
 from llmis.api.sse import EventStream
 from llmis.engine.jobs import Delta, Failed, Finished
 from llmis.errors import BadRequestError
 from llmis.ops.app_keys import MANAGER, SETTINGS
+from llmis.ops.families import error_for
+from llmis.serving.formats import compile_grammar
 from llmis.serving.generation import Generation, start_chat, start_completion
 from llmis.serving.protocol import (
     MAX_NAME_CHARS,
@@ -34,8 +37,6 @@ from llmis.serving.protocol import (
     ChatMessage,
     CompletionRequest,
     LenientModel,
-    compile_grammar,
-    usage,
 )
 
 __all__ = ["InferBody", "LoadModelBody", "routes"]
@@ -122,13 +123,15 @@ async def infer(request: web.Request) -> web.StreamResponse:
     if body.messages is not None:
         chat = ChatCompletionRequest.model_validate(fields)
         await compile_grammar(chat)
-        generation = await start_chat(manager, chat)
+        generation = await start_chat(manager, chat, request_policy(request, chat.model))
     else:
         completion = CompletionRequest.model_validate(fields)
         if fields.get("max_tokens") is None:  # the rest of the context, not OpenAI's 16
             completion = completion.model_copy(update={"max_tokens": None})
         await compile_grammar(completion)
-        generation = await start_completion(manager, completion)
+        generation = await start_completion(
+            manager, completion, request_policy(request, completion.model)
+        )
     try:
         if stream:
             return await _stream(request, generation)
@@ -165,7 +168,7 @@ async def _stream(request: web.Request, generation: Generation) -> web.StreamRes
                     }
                 )
             elif isinstance(event, Failed):
-                await sse.send(event.error.body())
+                await sse.send(error_for("openai", event.error))
         await sse.done()
     except ConnectionResetError:
         pass

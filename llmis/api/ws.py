@@ -30,17 +30,26 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
 
 from llmis.api.middleware import parse_json, validation_error
+from llmis.api.openai_bodies import usage
 from llmis.api.sse import within
 from llmis.engine.jobs import Delta, Failed, Finished
 from llmis.errors import APIError, BadRequestError
-from llmis.ops.app_keys import MANAGER, OVERSIGHT, SETTINGS
+from llmis.ops.app_keys import MANAGER, OVERSIGHT, SETTINGS, task_services
 from llmis.ops.auth import WS_PROTOCOL
+from llmis.ops.families import error_for
 from llmis.ops.logs import finish_request
+from llmis.ops.policy import Guard
 from llmis.ops.ratelimit import RateLimitError
-from llmis.ops.request_context import current_request, new_request_id, request_scope
+from llmis.ops.request_context import (
+    RequestContext,
+    current_request,
+    new_request_id,
+    request_scope,
+)
 from llmis.serving.chunking import coalesce, pacing
+from llmis.serving.formats import compile_grammar
 from llmis.serving.generation import Generation, start_chat
-from llmis.serving.protocol import ChatCompletionRequest, compile_grammar, usage
+from llmis.serving.protocol import ChatCompletionRequest
 from llmis.serving.toolcalls import chat_deltas
 from llmis.serving.trimming import start_trimmed_chat
 from llmis.tasks.plan import TaskPlan, plan_chat
@@ -89,7 +98,8 @@ class _Session:
         self.ws = ws
         self.transport = request.transport
         self.chats: dict[ChatId, _Chat] = {}
-        self.write_timeout = request.app[SETTINGS].server.write_timeout_seconds
+        self.settings = request.app[SETTINGS]
+        self.write_timeout = self.settings.server.write_timeout_seconds
         self.streaming = request.app[SETTINGS].streaming
         ctx = current_request()
         # The client as the rate-limit middleware knew it when the socket was opened.
@@ -122,7 +132,9 @@ class _Session:
                 self.transport.abort()  # the reader loop ends, which cancels the jobs
 
     async def error(self, id_: ChatId | None, exc: APIError) -> None:
-        await self.send({"type": "error", "id": id_, "status": exc.status, **exc.body()})
+        await self.send(
+            {"type": "error", "id": id_, "status": exc.status, **error_for("openai", exc)}
+        )
 
     async def receive(self, raw: str) -> None:
         """Act on one client message; every problem becomes an ``error`` event."""
@@ -154,7 +166,7 @@ class _Session:
                     code="duplicate_id",
                 )
             body = {k: v for k, v in data.items() if k not in _ENVELOPE_KEYS}
-            request, plan = await plan_chat(self.app, body)
+            request, plan = await plan_chat(task_services(self.app), body)
             self.admit()
         except ValidationError as exc:
             await self.error(id_, validation_error(exc))
@@ -184,7 +196,7 @@ class _Session:
         """Run one chat as its own request: its own id, and timeouts counted from now."""
         socket = current_request()
         if socket is None:
-            await self._chat(id_, request, trim, plan)
+            await self._chat(id_, request, trim, plan, None)
             return
         ctx = dataclasses.replace(
             socket,
@@ -200,7 +212,7 @@ class _Session:
         status = 499  # the socket closed first
         with request_scope(ctx):
             try:
-                status = await self._chat(id_, request, trim, plan)
+                status = await self._chat(id_, request, trim, plan, ctx)
             finally:
                 finish_request(ctx, "/v1/ws", status)  # one access-log line per chat
 
@@ -219,17 +231,24 @@ class _Session:
         await self.error(id_, exc)
 
     async def _chat(
-        self, id_: ChatId, request: ChatCompletionRequest, trim: bool, plan: TaskPlan | None
+        self,
+        id_: ChatId,
+        request: ChatCompletionRequest,
+        trim: bool,
+        plan: TaskPlan | None,
+        ctx: RequestContext | None,
     ) -> int:
-        """Run one chat; return its status for the access log (200, an error's, 499)."""
+        """Run one chat (``ctx``: its own request context); return its status for the
+        access log (200, an error's, 499)."""
         generation: Generation | None = None
         status = 200
         try:
             await compile_grammar(request)
+            guard = Guard.for_request(request.model, self.settings, self.oversight, ctx)
             if trim:
-                generation, trimmed = await start_trimmed_chat(self.manager, request)
+                generation, trimmed = await start_trimmed_chat(self.manager, request, guard)
             else:
-                generation, trimmed = await start_chat(self.manager, request), 0
+                generation, trimmed = await start_chat(self.manager, request, guard), 0
             parts: list[str] = []
             parser = generation.parser()
             pace = pacing(self.streaming, request.stream_options)

@@ -22,7 +22,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,9 +30,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from llmis.engine.embedding_context import BATCH_TOKENS, EmbeddingContext, EmbeddingInput, Pooling
-from llmis.engine.jobs import Notify, notify, settle_future
+from llmis.engine.jobs import notify, settle_future
 from llmis.engine.llama import Engine
-from llmis.errors import APIError, ModelUnavailableError, QueueFullError
+from llmis.engine.model_thread import ModelThread, unloading_error
+from llmis.errors import APIError, QueueFullError
 
 __all__ = ["EmbedJob", "EmbeddingScheduler", "EmbeddingsResult"]
 
@@ -74,7 +74,7 @@ class EmbedJob:
             self.cancel.set()  # the loop is closed: nobody is listening any more
 
 
-class EmbeddingScheduler:
+class EmbeddingScheduler(ModelThread[EmbedJob]):
     """Batches the embedding jobs of one model on a dedicated thread."""
 
     def __init__(
@@ -86,23 +86,15 @@ class EmbeddingScheduler:
         batch_tokens: int = BATCH_TOKENS,
         context: EmbeddingContext | None = None,
     ) -> None:
-        self.name = name
+        super().__init__(name, queue_size, f"llmis-embed-{name}")
         self.engine = engine
         self.context = context or EmbeddingContext(engine, batch_tokens=batch_tokens)
         self.batch_tokens = min(batch_tokens, self.context.n_batch)
-        self.queue_size = queue_size
-        self.failure: str | None = None
         # for tests and /metrics: what the thread decoded
         self.rows_total = 0
         self.tokens_total = 0
         self.decodes_total = 0
-        self._queue: deque[EmbedJob] = deque()
         self._active: list[EmbedJob] = []
-        self._cond = threading.Condition()
-        self._closing = False
-        self._idle_waiters: list[Notify] = []
-        self._failure_waiters: list[Notify] = []
-        self._thread = threading.Thread(target=self._main, name=f"llmis-embed-{name}", daemon=True)
         self._thread.start()
 
     # ----- event-loop side -----
@@ -142,10 +134,7 @@ class EmbeddingScheduler:
 
     def submit(self, job: EmbedJob) -> None:
         with self._cond:
-            if self.failure is not None:
-                raise ModelUnavailableError(f"model '{self.name}' failed; it is being reloaded")
-            if self._closing:
-                raise ModelUnavailableError(f"model '{self.name}' is being unloaded")
+            self._check_open()
             # queue_size waiting beyond the jobs one batch can hold rows of
             if len(self._queue) + len(self._active) >= self.queue_size + self.context.n_seq_max:
                 raise QueueFullError(self.name, self.queue_size)
@@ -157,43 +146,22 @@ class EmbeddingScheduler:
         with self._cond, contextlib.suppress(ValueError):
             self._queue.remove(job)
 
-    def on_failure(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
-        """Call ``callback`` on ``loop`` if the thread dies."""
-        with self._cond:
-            if self.failure is None:
-                self._failure_waiters.append((loop, callback))
-                return
-        notify([(loop, callback)])
-
-    async def drain(self) -> None:
-        """Wait (on an event) until no job is queued or running."""
-        loop = asyncio.get_running_loop()
-        while self.busy and self._thread.is_alive():
-            idle = asyncio.Event()
-            with self._cond:
-                if not self.busy:
-                    return
-                self._idle_waiters.append((loop, idle.set))
-            await idle.wait()
+    def _idle_locked(self) -> bool:
+        return not self.busy
 
     def close(self, timeout: float = 30.0) -> bool:
         """Fail queued jobs, finish the running ones, free the context (blocking).
 
         ``False`` when the thread did not stop: then nothing is freed.
         """
-        with self._cond:
-            self._closing = True
-            dropped = list(self._queue)
-            self._queue.clear()
-            self._cond.notify_all()
-        for job in dropped:
-            job.settle(error=_unloading(self.name))
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        for job in self._stop_taking():
+            job.settle(error=unloading_error(self.name))
+
+        def stop_running() -> None:
             for job in list(self._active):
                 job.cancel.set()
-            self._thread.join(5.0)
-        if self._thread.is_alive():
+
+        if not self._join(timeout, stop_running):
             logger.error("embedding scheduler of %s did not stop; not freed", self.name)
             return False
         return True
@@ -209,20 +177,13 @@ class EmbeddingScheduler:
         finally:
             self.context.close()
             with self._cond:
-                waiters, self._idle_waiters = self._idle_waiters, []
-            notify(waiters)
+                self._report_idle()
 
     def _die(self, reason: str) -> None:
-        error = ModelUnavailableError(
-            f"model '{self.name}' failed while serving ({reason}); retry the request"
-        )
         with self._cond:
-            self.failure = reason
-            self._closing = True
-            jobs = [*self._queue, *self._active]
-            self._queue.clear()
+            error, dropped, waiters = self._mark_failed(reason)
+            jobs = [*dropped, *self._active]
             self._active = []
-            waiters, self._failure_waiters = self._failure_waiters, []
         for job in jobs:
             job.settle(error=error)
         notify(waiters)
@@ -231,8 +192,7 @@ class EmbeddingScheduler:
         while True:
             with self._cond:
                 while not self._closing and not self._queue and not self._active:
-                    waiters, self._idle_waiters = self._idle_waiters, []
-                    notify(waiters)
+                    self._report_idle()
                     self._cond.wait()
                 if self._closing and not self._active and not self._queue:
                     return
@@ -338,7 +298,3 @@ class EmbeddingScheduler:
                 logger.exception("an embedding job's last step failed in model %s", self.name)
                 exc = APIError("the request failed after embedding; see the server log")
             job.settle(error=exc)
-
-
-def _unloading(name: str) -> APIError:
-    return ModelUnavailableError(f"model '{name}' was unloaded before this request started")

@@ -18,8 +18,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmis.engine.llama import Engine, FinishReason, SamplingParams
+from llmis.engine.llama import Engine
 from llmis.engine.logprobs import TokenLogprob
+from llmis.engine.sampling import FinishReason, SamplingParams
 from llmis.errors import APIError
 
 __all__ = [

@@ -22,7 +22,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from llmis.engine.llama import token_piece
+from llmis.engine.sampling import token_piece
 
 __all__ = ["TokenLogprob", "chat_logprobs", "completion_logprobs", "token_logprob"]
 

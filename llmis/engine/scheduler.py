@@ -9,7 +9,7 @@ spread over steps, so the other streams keep getting tokens; at most ``n_batch``
 step). llama.cpp cuts a batch that mixes sequences into micro-batches with the same number of
 tokens per sequence, so a chunk beside decode rows would be evaluated in two pieces anyway;
 alone it is evaluated the same way every time. After each decode its sequences sample, each
-with its own :class:`~llmis.engine.llama.Sampler`; one step's events go to each event loop with a
+with its own :class:`~llmis.engine.sampling.Sampler`; one step's events go to each event loop with a
 single wake-up. A request whose prompt equals the one a slot just evaluated samples its first
 token from that prompt's saved logits, with no decode at all.
 
@@ -37,9 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -55,14 +53,15 @@ from llmis.engine.jobs import (
     Finished,
     Job,
     JobEvent,
-    Notify,
     SlotStats,
     Started,
     notify,
 )
-from llmis.engine.llama import Engine, GenerationContext, Sampler, TextStream
+from llmis.engine.llama import Engine, GenerationContext
 from llmis.engine.logprobs import TokenLogprob, token_logprob
-from llmis.errors import APIError, ModelUnavailableError, QueueFullError
+from llmis.engine.model_thread import ModelThread, unloading_error
+from llmis.engine.sampling import Sampler, TextStream
+from llmis.errors import APIError, QueueFullError
 
 __all__ = ["Scheduler"]
 
@@ -122,25 +121,18 @@ def _put_all(items: list[tuple[Job, JobEvent]]) -> None:
         job.events.put_nowait(event)
 
 
-class Scheduler:
+class Scheduler(ModelThread[Job | CallJob]):
     """Runs up to ``slots`` generation jobs of one model at once on a dedicated thread."""
 
     def __init__(self, name: str, engine: Engine, queue_size: int, slots: int) -> None:
-        self.name = name
+        super().__init__(name, queue_size, f"llmis-{name}")
         self.engine = engine
-        self.queue_size = queue_size
         self.slots = slots if engine.generates else 0
         # for /metrics: prompt tokens of generation jobs, and how many came from the KV cache
         self.prompt_tokens_total = 0
         self.cached_tokens_total = 0
-        self.failure: str | None = None  # why the thread died, if it did
-        self._queue: deque[Job | CallJob] = deque()
-        self._cond = threading.Condition()
-        self._closing = False
         self._calls_running = 0
         self._uses = 0
-        self._idle_waiters: list[Notify] = []
-        self._failure_waiters: list[Notify] = []
         self._slots = [_Slot(i) for i in range(self.slots)]
         self._gen: GenerationContext | None = None
         self._batch: Any = None  # a llama_batch of n_batch tokens
@@ -162,7 +154,6 @@ class Scheduler:
             except BaseException:
                 self._release_context()
                 raise
-        self._thread = threading.Thread(target=self._main, name=f"llmis-{name}", daemon=True)
         self._thread.start()
 
     # ----- event-loop side -----
@@ -189,28 +180,22 @@ class Scheduler:
         ]
 
     def on_failure(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
-        """Call ``callback`` on ``loop`` if the scheduler thread dies."""
+        """Call ``callback`` on ``loop`` if the scheduler thread (or the embedding one) dies."""
         if self.embedder is not None:
             self.embedder.on_failure(loop, callback)
-        with self._cond:
-            if self.failure is None:
-                self._failure_waiters.append((loop, callback))
-                return
-        notify([(loop, callback)])
+        super().on_failure(loop, callback)
+
+    def _idle_locked(self) -> bool:
+        return not self._queue and not self._active() and not self._calls_running
 
     async def drain(self) -> None:
-        """Wait (on an event, not a timer) until no job is queued or running."""
-        loop = asyncio.get_running_loop()
+        """Wait (on events, not a timer) until no job is queued or running, here or in the
+        embedding scheduler."""
         while self.busy and self._thread.is_alive():
             if self.embedder is not None and self.embedder.busy:
                 await self.embedder.drain()
-                continue
-            idle = asyncio.Event()
-            with self._cond:
-                if not self._queue and not self._active() and not self._calls_running:
-                    continue  # the generation side is idle: check the embedding side again
-                self._idle_waiters.append((loop, idle.set))
-            await idle.wait()
+            else:
+                await self._wait_idle_once()
 
     async def call(self, fn: Callable[[Engine], T]) -> T:
         """Run ``fn(engine)`` on the scheduler thread between steps; await its result.
@@ -236,10 +221,7 @@ class Scheduler:
     def submit(self, jobs: Sequence[Job | CallJob]) -> None:
         """Queue ``jobs`` all together, or none of them when the queue cannot take them all."""
         with self._cond:
-            if self.failure is not None:
-                raise ModelUnavailableError(f"model '{self.name}' failed; it is being reloaded")
-            if self._closing:
-                raise ModelUnavailableError(f"model '{self.name}' is being unloaded")
+            self._check_open()
             if len(jobs) > self.queue_size - len(self._queue) + self._idle_slots():
                 raise QueueFullError(self.name, self.queue_size)
             self._queue.extend(jobs)
@@ -258,22 +240,15 @@ class Scheduler:
 
         Blocking: call it in a thread. A model a thread still uses is never freed.
         """
-        with self._cond:
-            self._closing = True
-            dropped = list(self._queue)
-            self._queue.clear()
-            self._cond.notify_all()
-        for job in dropped:
-            _fail(job, _unloading(self.name))
-        self._thread.join(timeout)
-        if self._thread.is_alive():  # the running jobs outlived the grace: stop them
+        for job in self._stop_taking():
+            _fail(job, unloading_error(self.name))
+
+        def stop_running() -> None:  # the running jobs outlived the grace
             for slot in self._slots:
                 if slot.job is not None:
                     slot.job.cancel.set()
-            with self._cond:
-                self._cond.notify_all()
-            self._thread.join(5.0)
-        if self._thread.is_alive():
+
+        if not self._join(timeout, stop_running):
             # Never free a model a thread still uses: leaking it beats a segfault.
             logger.error("scheduler of %s did not stop; its model is not freed", self.name)
             return
@@ -294,8 +269,7 @@ class Scheduler:
                 self._release(slot)
             self._release_context()
             with self._cond:
-                waiters, self._idle_waiters = self._idle_waiters, []
-            notify(waiters)
+                self._report_idle()
 
     def _release_context(self) -> None:
         if self._batch is not None:
@@ -306,15 +280,8 @@ class Scheduler:
 
     def _die(self, reason: str) -> None:
         """Fail every waiting and running job and tell the model manager."""
-        error = ModelUnavailableError(
-            f"model '{self.name}' failed while serving ({reason}); retry the request"
-        )
         with self._cond:
-            self.failure = reason
-            self._closing = True
-            dropped = list(self._queue)
-            self._queue.clear()
-            waiters, self._failure_waiters = self._failure_waiters, []
+            error, dropped, waiters = self._mark_failed(reason)
         for job in dropped:
             _fail(job, error)
         for slot in self._slots:
@@ -327,8 +294,7 @@ class Scheduler:
         while True:
             with self._cond:
                 while not self._closing and not self._queue and not self._active():
-                    waiters, self._idle_waiters = self._idle_waiters, []
-                    notify(waiters)
+                    self._report_idle()
                     self._cond.wait()
                 if self._closing and not self._active():
                     return
@@ -612,7 +578,3 @@ def _fail(job: Job | CallJob, error: APIError) -> None:
         job.settle(error=error)
     else:
         job.emit(Failed(error))
-
-
-def _unloading(name: str) -> APIError:
-    return ModelUnavailableError(f"model '{name}' was unloaded before this request started")

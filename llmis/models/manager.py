@@ -1,9 +1,4 @@
-"""The model catalog and the RAM-budgeted LRU of loaded models.
-
-Catalog: every configured model, then every ``<models_dir>/*.gguf`` under its file stem
-(configured names win). A name ``base@version`` is a version; an alias (``[aliases]`` in the
-config, or implicitly ``base`` -> the first version in catalog order) points at one version
-and is repointed atomically by :meth:`ModelManager.swap`.
+"""The RAM-budgeted LRU of loaded models, over the catalog (:mod:`llmis.models.catalog`).
 
 Loaded models: each has its own worker and queue. Before a load, the model's memory is
 predicted (:mod:`llmis.models.budget`); idle, unpinned models are evicted least recently used first
@@ -20,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -45,29 +39,20 @@ from llmis.models.budget import (
     release_free_heap,
     resolve_budget,
 )
+from llmis.models.catalog import Catalog
 from llmis.models.entry import ModelEntry, ModelState
 from llmis.models.files import resolve_resource, safe_model_path
 from llmis.models.gguf import GGUFInfo, GGUFInfoCache
-from llmis.models.splits import is_continuation_part
 
 __all__ = ["ModelManager", "default_threads"]
 
 logger = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-_STEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]*")
 
 
 def default_threads() -> int:
     return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
-
-
-def _is_file(path: Path) -> bool:
-    """``path.is_file()``, False for a name the OS refuses (too long: ENAMETOOLONG)."""
-    try:
-        return path.is_file()
-    except (OSError, ValueError):
-        return False
 
 
 def _mib(n: int) -> str:
@@ -82,98 +67,45 @@ class ModelManager:
         self.models_dir = settings.server.models_dir
         self.budget = resolve_budget(settings.server.ram_budget)
         self.evictions: dict[str, int] = {}
-        self._entries: dict[str, ModelEntry] = {m.name: ModelEntry(m) for m in settings.models}
-        self._aliases: dict[str, str] = dict(settings.aliases)
+        self.catalog = Catalog(settings)
         self._infos = GGUFInfoCache()
         self._load_lock = asyncio.Lock()
         self._startup: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self._add_dir_entries(self._list_dir())
 
-    # ----- catalog -----
+    # ----- catalog (llmis.models.catalog) -----
 
     def entries(self) -> list[ModelEntry]:
-        return list(self._entries.values())
+        return self.catalog.entries()
 
     def aliases(self) -> dict[str, str]:
         """Alias -> the model name it points at now."""
-        return dict(self._aliases)
+        return self.catalog.aliases()
 
     def openai_objects(self) -> list[dict[str, Any]]:
-        """Every entry, then every alias whose target exists, as OpenAI model objects."""
-        data = [e.openai_object() for e in self._entries.values()]
-        for alias, target in self._aliases.items():
-            if target in self._entries:
-                data.append(self._entries[target].openai_object(alias))
-        return data
+        return self.catalog.openai_objects()
 
     def resolve(self, name: str) -> str:
-        return self._aliases.get(name, name)
+        return self.catalog.resolve(name)
 
     def entry(self, name: str) -> ModelEntry:
-        """The entry for ``name`` (an alias resolves to its current version).
-
-        A name not in the catalog is looked up as ``<models_dir>/<name>.gguf`` once more, so a
-        file dropped in since the last scan is found.
-        """
-        target = self.resolve(name)
-        entry = self._entries.get(target)
-        dropped = self.models_dir / f"{target}.gguf"
-        if (
-            entry is None
-            and _STEM.fullmatch(target)
-            and _is_file(dropped)
-            and not is_continuation_part(dropped)  # parts 2..N load through part 1
-        ):
-            self._add_dir_entries([dropped])
-            entry = self._entries.get(self.resolve(name))
-        if entry is None:
-            raise ModelNotFoundError(name)
-        return entry
+        """The entry for ``name`` (an alias resolves to its current version)."""
+        return self.catalog.entry(name)
 
     @property
     def ready(self) -> bool:
         """True once the startup loads are done; lazy loads later do not change it."""
         return self._startup is None or self._startup.done()
 
-    def _list_dir(self) -> list[Path]:
-        try:
-            found = self.models_dir.glob("*.gguf")
-            return sorted(p for p in found if p.is_file() and not is_continuation_part(p))
-        except OSError:
-            return []
-
-    def _add_dir_entries(self, paths: list[Path]) -> None:
-        for path in paths:
-            name = path.stem
-            if name in self._entries or name in self._aliases:
-                continue
-            if not _STEM.fullmatch(name):
-                logger.warning("ignoring %s: its name is not a valid model name", path.name)
-                continue
-            model = ModelSettings(name=name, path=Path(path.name))
-            self._entries[name] = ModelEntry(model, source="models_dir")
-        for name in self._entries:
-            base, at, _ = name.partition("@")
-            if at and base and base not in self._entries and base not in self._aliases:
-                self._aliases[base] = name
-
     async def refresh(self) -> None:
         """Rescan the models dir and read the GGUF metadata of entries not read yet."""
         loop = asyncio.get_running_loop()
-        found = await loop.run_in_executor(None, self._list_dir)
-        self._add_dir_entries(found)
-        names = {p.stem for p in found}
-        for entry in list(self._entries.values()):
-            if (
-                entry.source == "models_dir"
-                and entry.name not in names
-                and entry.state in (ModelState.AVAILABLE, ModelState.FAILED)
-            ):
-                del self._entries[entry.name]
+        found = await loop.run_in_executor(None, self.catalog.list_dir)
+        self.catalog.add_dir_entries(found)
+        self.catalog.forget_missing(found)
         todo = [
             e
-            for e in self._entries.values()
+            for e in self.catalog.by_name.values()
             if e.info is None and e.state is not ModelState.LOADING and e.settings.path is not None
         ]
         for entry in todo:
@@ -194,7 +126,7 @@ class ModelManager:
         self._startup = asyncio.get_running_loop().create_task(self._preload())
 
     async def _preload(self) -> None:
-        for entry in list(self._entries.values()):
+        for entry in list(self.catalog.by_name.values()):
             if entry.source != "config" or entry.state is not ModelState.AVAILABLE:
                 continue
             task = self._start_load(entry, evict=False)
@@ -209,7 +141,7 @@ class ModelManager:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for entry in self._entries.values():
+        for entry in self.catalog.by_name.values():
             for pending in (entry.load_task, entry.unload_task):
                 if pending is not None and not pending.done():
                     await asyncio.gather(pending, return_exceptions=True)
@@ -359,13 +291,15 @@ class ModelManager:
         """RAM held by loaded (and unloading) models, measured where known."""
         held = (ModelState.LOADED, ModelState.UNLOADING)
         return sum(
-            e.ram_bytes for e in self._entries.values() if e is not exclude and e.state in held
+            e.ram_bytes
+            for e in self.catalog.by_name.values()
+            if e is not exclude and e.state in held
         )
 
     def _victim(self, exclude: ModelEntry) -> ModelEntry | None:
         candidates = [
             e
-            for e in self._entries.values()
+            for e in self.catalog.by_name.values()
             if e is not exclude and e.state is ModelState.LOADED and not e.pinned and e.idle
         ]
         return min(candidates, key=lambda e: e.last_used or 0.0, default=None)
@@ -378,7 +312,7 @@ class ModelManager:
                 return
             draining = [
                 e.unload_task
-                for e in self._entries.values()
+                for e in self.catalog.by_name.values()
                 if e.state is ModelState.UNLOADING and e.unload_task is not None
             ]
             if draining:
@@ -403,7 +337,7 @@ class ModelManager:
         kind = "measured" if entry.measured_bytes else "predicted"
         held = [
             f"{e.name} ({_mib(e.ram_bytes)}, {'pinned' if e.pinned else 'busy'})"
-            for e in self._entries.values()
+            for e in self.catalog.by_name.values()
             if e is not entry and e.state is ModelState.LOADED
         ]
         if need > available:
@@ -477,7 +411,7 @@ class ModelManager:
 
     async def unload(self, name: str) -> ModelEntry:
         """Drain model ``name`` (its leased, running and queued jobs finish), then free it."""
-        entry = self._entries.get(name) or self.entry(name)
+        entry = self.catalog.by_name.get(name) or self.entry(name)
         if entry.state is ModelState.LOADING and entry.load_task is not None:
             await asyncio.gather(asyncio.shield(entry.load_task), return_exceptions=True)
         if entry.state in (ModelState.LOADED, ModelState.UNLOADING):
@@ -500,7 +434,7 @@ class ModelManager:
 
         Pointing an existing name at another file is a 409 unless ``replace`` is true.
         """
-        entry = self._entries.get(name)
+        entry = self.catalog.by_name.get(name)
         update: dict[str, Any] = {}
         if n_ctx is not None:
             update["n_ctx"] = n_ctx
@@ -528,7 +462,7 @@ class ModelManager:
         if entry is None:
             settings = ModelSettings.model_validate({"name": name, "path": update["path"]})
             entry = ModelEntry(settings.model_copy(update=update), source="admin")
-            self._entries[name] = entry
+            self.catalog.by_name[name] = entry
         elif update and entry.state not in (ModelState.LOADED, ModelState.LOADING):
             entry.settings = entry.settings.model_copy(update=update)
             entry.info = entry.path = entry.measured_bytes = None
@@ -541,7 +475,7 @@ class ModelManager:
         self, name: str, entry: ModelEntry | None, path: Path, resolved: Path
     ) -> None:
         """409 if ``name`` exists (a model or an alias) and is not the file ``resolved``."""
-        if entry is None and name not in self._aliases:
+        if entry is None and name not in self.catalog.alias_map:
             return
         current = entry.path if entry is not None else None
         if entry is not None and current is None:
@@ -572,20 +506,20 @@ class ModelManager:
         in the background once drained (unless pinned or still the target of another alias).
         Returns the old target and the new entry.
         """
-        if alias in self._entries:
+        if alias in self.catalog.by_name:
             raise BadRequestError(
                 f"'{alias}' is a model, not an alias", param="alias", code="not_an_alias"
             )
         target = self._version(alias, to)
         await self._ready_worker(target)
-        old = self._aliases.get(alias)
-        self._aliases[alias] = target.name  # the atomic step: no await since the load
+        old = self.catalog.alias_map.get(alias)
+        self.catalog.alias_map[alias] = target.name  # the atomic step: no await since the load
         logger.info("alias %s: %s -> %s", alias, old, target.name)
-        retired = self._entries.get(old) if old is not None and old != target.name else None
+        retired = self.catalog.by_name.get(old) if old is not None and old != target.name else None
         if (
             retired is not None
             and not retired.pinned
-            and retired.name not in self._aliases.values()
+            and retired.name not in self.catalog.alias_map.values()
             and retired.state is ModelState.LOADED
         ):
             task = asyncio.get_running_loop().create_task(self._retire(retired))

@@ -15,6 +15,7 @@ from aiohttp.typedefs import Handler
 
 from llmis.config import CorsSettings
 from llmis.ops.auth import PermissionDeniedError
+from llmis.ops.families import api_family, error_for
 
 __all__ = ["Cors"]
 
@@ -65,7 +66,9 @@ class Cors:
                 "This origin is not allowed to call the API from a browser.",
                 code="cors_origin_not_allowed",
             )
-            return web.json_response(error.body(), status=error.status)
+            return web.json_response(
+                error_for(api_family(request.path), error), status=error.status
+            )
         headers: dict[str, str] = {
             hdrs.ACCESS_CONTROL_ALLOW_METHODS: _METHODS,
             hdrs.ACCESS_CONTROL_ALLOW_HEADERS: ", ".join(self.settings.allow_headers),

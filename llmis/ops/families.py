@@ -57,7 +57,8 @@ def family_error_body(
     param: str | None = None,
     code: str | None = None,
 ) -> dict[str, Any]:
-    """An error body in ``family``'s shape."""
+    """An error body in ``family``'s shape, naming the request being handled, if any."""
+    request = current_request()
     if family == "ollama":
         return {"error": message}
     if family == "anthropic":
@@ -65,11 +66,10 @@ def family_error_body(
             status, "api_error" if status >= 500 else "invalid_request_error"
         )
         body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
-        request = current_request()
         if request is not None:
             body["request_id"] = request.id
         return body
-    return error_body(message, type_, param, code)
+    return error_body(message, type_, param, code, request.id if request is not None else None)
 
 
 def error_for(family: Family, exc: APIError) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from llmis.errors import APIError, BadRequestError
 from llmis.ops.contentfilter import ContentFilter
 from llmis.ops.metrics import Metrics
 from llmis.ops.ratelimit import RateLimiter
-from llmis.ops.request_context import RequestContext, current_request
+from llmis.ops.request_context import RequestContext
 from llmis.ops.shutdown import ServerShuttingDownError, Shutdown
 
 __all__ = ["Guard", "Oversight", "RequestTimeoutError"]
@@ -55,7 +55,8 @@ def _cap_error(message: str, param: str, code: str) -> BadRequestError:
 
 @dataclass
 class Guard:
-    """Oversight of one request's generation (one or more jobs on one model)."""
+    """Oversight of one request's generation (one or more jobs on one model): the
+    :class:`~llmis.serving.policy.RequestPolicy` its handler passes to the serving layer."""
 
     model: str
     limits: LimitSettings
@@ -67,10 +68,16 @@ class Guard:
     arrived: float = field(default_factory=time.monotonic)
 
     @classmethod
-    def current(cls, settings: Settings, model: str) -> Guard:
-        """The guard for ``model`` in the request being handled (bare outside requests)."""
-        ctx = current_request()
-        return cls(model, settings.limits, ctx.oversight if ctx else None, ctx)
+    def for_request(
+        cls,
+        model: str,
+        settings: Settings,
+        oversight: Oversight | None,
+        ctx: RequestContext | None,
+    ) -> Guard:
+        """The guard of one request's generation on ``model``: the app's ``oversight``, and
+        ``ctx``, the request it serves (named in the access log and the request metrics)."""
+        return cls(model, settings.limits, oversight, ctx)
 
     def admitted(self) -> None:
         """The model exists: name it in the access log and the request metrics."""

@@ -58,6 +58,9 @@ class Shutdown:
         self.forced_by: int | None = None  # the signal that forced the exit
         self.inflight = 0
         self._generations: dict[Job, Stopper] = {}
+        # Set whenever a request or a watched generation ends, or the exit is forced:
+        # the drain waits on it instead of polling.
+        self._changed = asyncio.Event()
 
     def force(self, signum: int = signal.SIGINT) -> None:
         """A second interrupt while draining: stop waiting and end every generation now."""
@@ -71,6 +74,7 @@ class Shutdown:
             flush=True,
         )
         logger.warning("second %s: forcing the exit", signal.Signals(signum).name)
+        self._changed.set()
 
     @property
     def exit_code(self) -> int:
@@ -90,7 +94,8 @@ class Shutdown:
         self._generations[job] = stop
 
     def unwatch(self, job: Job) -> None:
-        self._generations.pop(job, None)
+        if self._generations.pop(job, None) is not None:
+            self._changed.set()
 
     def _running(self) -> list[Stopper]:
         return [stop for job, stop in self._generations.items() if not job.done]
@@ -110,13 +115,20 @@ class Shutdown:
             return await handler(request)
         finally:
             self.inflight -= counted
+            if counted:
+                self._changed.set()
 
     async def _wait_idle(self, seconds: float, *, forceable: bool = True) -> None:
+        """Until nothing is in flight, ``seconds`` pass, or (``forceable``) the exit is forced;
+        woken by each request or generation that ends."""
         deadline = time.monotonic() + seconds
-        while self.busy and time.monotonic() < deadline:
-            if forceable and self.forced_by is not None:
+        while self.busy:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or (forceable and self.forced_by is not None):
                 return
-            await asyncio.sleep(0.05)
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
 
     async def drain(self, app: web.Application) -> None:
         """``on_shutdown``: wait out the grace, then stop what still runs."""

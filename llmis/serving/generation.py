@@ -13,12 +13,13 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from llmis.engine.jobs import Delta, Failed, Finished, Job, JobEvent
-from llmis.engine.llama import FinishReason
 from llmis.engine.logprobs import TokenLogprob
+from llmis.engine.sampling import FinishReason
 from llmis.engine.scheduler import Scheduler
 from llmis.errors import APIError, BadRequestError
 from llmis.models.manager import ModelManager
-from llmis.ops.policy import Guard
+from llmis.serving.formats import request_grammar, sampling_params
+from llmis.serving.policy import RequestPolicy
 from llmis.serving.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from llmis.serving.toolcalls import OutputParser
 from llmis.serving.tools import ToolPlan, plan_tools
@@ -39,7 +40,7 @@ class Generation:
     model: str
     worker: Scheduler
     jobs: Sequence[Job]
-    guard: Guard
+    guard: RequestPolicy
     tools: ToolPlan | None = None  # how to read tool calls out of the text (chat)
 
     def parser(self) -> OutputParser:
@@ -72,10 +73,6 @@ class Result:
     logprobs: tuple[TokenLogprob, ...] = ()
 
 
-def _grammar(request: ChatCompletionRequest | CompletionRequest) -> str | None:
-    return request.response_format.grammar if request.response_format is not None else None
-
-
 async def _blocking(fn: Callable[[], T]) -> T:
     """Run ``fn`` in a thread; if the caller is cancelled (the client went away), wait for
     the thread before letting the cancellation through, so the caller's model lease is held
@@ -88,8 +85,10 @@ async def _blocking(fn: Callable[[], T]) -> T:
         raise
 
 
-async def start_chat(manager: ModelManager, request: ChatCompletionRequest) -> Generation:
-    guard = Guard.current(manager.settings, request.model)
+async def start_chat(
+    manager: ModelManager, request: ChatCompletionRequest, guard: RequestPolicy
+) -> Generation:
+    """Queue ``request`` on its model under the caller's ``guard`` (caps, timeouts, metrics)."""
     messages = [m.as_template_message() for m in request.messages]
     guard.check_prompt_text((m["content"] for m in messages), "messages")
     # The lease keeps the model from being evicted or unloaded until the job is queued.
@@ -98,7 +97,7 @@ async def start_chat(manager: ModelManager, request: ChatCompletionRequest) -> G
         engine = worker.engine
         engine.check_generates(request.model)
         loop = asyncio.get_running_loop()
-        grammar = _grammar(request)
+        grammar = request_grammar(request)
 
         def prepare() -> tuple[list[int], ToolPlan | None]:  # one trip to a thread
             plan = plan_tools(request, engine.chat_template)
@@ -111,7 +110,7 @@ async def start_chat(manager: ModelManager, request: ChatCompletionRequest) -> G
         prompt, plan = await _blocking(prepare)
         limit = guard.max_tokens(len(prompt), request.token_limit, "messages")
         max_tokens = guard.clamp(engine.check_context(len(prompt), limit, "messages"), limit)
-        params = request.sampling(max_tokens)
+        params = sampling_params(request, max_tokens)
         if engine.chat_stops:
             params = replace(params, stop=params.stop + engine.chat_stops)
         if plan is not None and plan.grammar is not None:
@@ -131,8 +130,10 @@ async def count_chat_tokens(manager: ModelManager, model: str, messages: list[Ch
         return len(await _blocking(lambda: engine.chat_prompt(rendered)))
 
 
-async def start_completion(manager: ModelManager, request: CompletionRequest) -> Generation:
-    guard = Guard.current(manager.settings, request.model)
+async def start_completion(
+    manager: ModelManager, request: CompletionRequest, guard: RequestPolicy
+) -> Generation:
+    """Queue ``request``'s prompts on its model under the caller's ``guard``."""
     guard.check_prompt_text((p for p in request.prompts() if isinstance(p, str)), "prompt")
     async with manager.lease(request.model) as worker:
         guard.admitted()
@@ -140,13 +141,13 @@ async def start_completion(manager: ModelManager, request: CompletionRequest) ->
 
 
 async def _submit_completion(
-    worker: Scheduler, request: CompletionRequest, guard: Guard
+    worker: Scheduler, request: CompletionRequest, guard: RequestPolicy
 ) -> Generation:
     engine = worker.engine
     engine.check_generates(request.model)
     loop = asyncio.get_running_loop()
     n_vocab = engine.n_vocab
-    grammar = _grammar(request)
+    grammar = request_grammar(request)
 
     def tokenize_all() -> list[list[int]]:
         engine.check_grammar(grammar)
@@ -167,7 +168,7 @@ async def _submit_completion(
     for p in prompts:
         limit = guard.max_tokens(len(p), request.max_tokens, "prompt")
         max_tokens = guard.clamp(engine.check_context(len(p), limit, "prompt"), limit)
-        jobs.append(Job(p, request.sampling(max_tokens), loop, logprobs=request.logprobs))
+        jobs.append(Job(p, sampling_params(request, max_tokens), loop, logprobs=request.logprobs))
     worker.submit(jobs)
     return Generation(worker.name, worker, jobs, guard)
 

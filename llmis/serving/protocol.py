@@ -11,14 +11,11 @@ in :data:`SAMPLING_RANGES` and in the README.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
-import time
-import uuid
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -29,8 +26,10 @@ from pydantic import (
     model_validator,
 )
 
-from llmis.engine.llama import FinishReason, SamplingParams
 from llmis.errors import BadRequestError, shown
+
+# Why a choice ended, as OpenAI's finish_reason reports it.
+FinishReason = Literal["stop", "length", "content_filter", "tool_calls"]
 
 __all__ = [
     "GREEDY_BELOW",
@@ -40,17 +39,11 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
+    "FinishReason",
     "LenientModel",
     "ResponseFormat",
     "StreamOptions",
     "as_batch",
-    "chat_chunk",
-    "chat_response",
-    "compile_grammar",
-    "completion_chunk",
-    "completion_response",
-    "new_id",
-    "usage",
 ]
 
 
@@ -177,9 +170,9 @@ class ResponseFormat(_Lenient):
     """OpenAI's ``response_format``: JSON output is enforced with a llama.cpp grammar.
 
     Validation only checks the schema's size (at most :data:`MAX_SCHEMA_BYTES` as JSON);
-    turning it into a grammar is CPU work, done by :meth:`compile` in a thread (the handlers
-    call it through :func:`compile_grammar`). :attr:`grammar` compiles on first use if that
-    was skipped, so a request is never served unconstrained.
+    turning it into a grammar is CPU work, done once by
+    :func:`llmis.serving.formats.compile_grammar` in a thread (the handlers call it), or on
+    first use if that was skipped, so a request is never served unconstrained.
     """
 
     type: Literal["text", "json_object", "json_schema"]
@@ -213,39 +206,18 @@ class ResponseFormat(_Lenient):
         made._grammar, made._compiled = grammar, True
         return made
 
-    def compile(self) -> str | None:
-        """The GBNF grammar for this format (blocking: run it in a thread). Idempotent."""
+    @property
+    def schema_text(self) -> str | None:
+        """The ``json_schema`` type's schema, serialised (``None`` for the other types)."""
+        return self._schema_text
+
+    def grammar_with(self, build: Callable[[ResponseFormat], str | None]) -> str | None:
+        """The grammar ``build`` makes of this format, built once (blocking). Idempotent."""
         with self._lock:
             if not self._compiled:
-                self._grammar = self._build()
+                self._grammar = build(self)
                 self._compiled = True
             return self._grammar
-
-    def _build(self) -> str | None:
-        if self.type == "json_object":
-            return JSON_GBNF
-        if self.type != "json_schema" or self._schema_text is None:
-            return None
-        try:
-            grammar: str = json_schema_to_gbnf(self._schema_text)
-        except RecursionError:
-            raise BadRequestError(
-                "response_format: the JSON schema is nested too deeply to be enforced",
-                param="response_format",
-                code="invalid_value",
-            ) from None
-        except Exception as exc:  # the converter raises bare exceptions on bad schemas
-            detail = str(exc)[:200] or type(exc).__name__
-            raise BadRequestError(
-                f"response_format: this JSON schema cannot be enforced: {detail}",
-                param="response_format",
-                code="invalid_value",
-            ) from None
-        return grammar
-
-    @property
-    def grammar(self) -> str | None:
-        return self.compile()
 
 
 class StreamOptions(_Lenient):
@@ -349,29 +321,6 @@ class _SamplingRequest(_Lenient):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling(self, max_tokens: int) -> SamplingParams:
-        defaults = SamplingParams(max_tokens=max_tokens)
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-
-        def pick(value: float | None, default: float) -> float:
-            return default if value is None else value
-
-        temperature = pick(self.temperature, defaults.temperature)
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=0.0 if temperature < GREEDY_BELOW else temperature,
-            top_p=pick(self.top_p, defaults.top_p),
-            top_k=self.top_k if self.top_k is not None else defaults.top_k,
-            min_p=pick(self.min_p, defaults.min_p),
-            repeat_penalty=pick(self.repeat_penalty, defaults.repeat_penalty),
-            presence_penalty=pick(self.presence_penalty, defaults.presence_penalty),
-            frequency_penalty=pick(self.frequency_penalty, defaults.frequency_penalty),
-            seed=self.seed,
-            stop=stop,
-            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
-            grammar=self.response_format.grammar if self.response_format else None,
-        )
-
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -451,13 +400,6 @@ class CompletionRequest(_SamplingRequest):
         return as_batch(self.prompt)
 
 
-async def compile_grammar(request: ChatCompletionRequest | CompletionRequest) -> None:
-    """Build the request's ``response_format`` grammar in a thread, off the event loop."""
-    if request.response_format is not None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, request.response_format.compile)
-
-
 def as_batch(value: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
     """OpenAI's text-or-tokens input (``prompt``, embeddings ``input``) as a list of items."""
     if isinstance(value, str):
@@ -465,145 +407,3 @@ def as_batch(value: str | list[str] | list[int] | list[list[int]]) -> list[str |
     if all(isinstance(v, int) for v in value):
         return [[int(v) for v in value]]  # type: ignore[arg-type]
     return list(value)  # type: ignore[arg-type]
-
-
-# ----- responses (plain dicts: they are built per token on the hot path) -----
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-    }
-
-
-def _envelope(id_: str, obj: str, model: str, created: int) -> dict[str, Any]:
-    return {
-        "id": id_,
-        "object": obj,
-        "created": created,
-        "model": model,
-        "system_fingerprint": "llmis",
-    }
-
-
-def chat_response(
-    id_: str,
-    model: str,
-    created: int,
-    content: str,
-    finish_reason: str,
-    prompt_tokens: int,
-    completion_tokens: int,
-    cached_tokens: int = 0,
-    tool_calls: list[dict[str, Any]] | None = None,
-    logprobs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": content}
-    if tool_calls:
-        message["content"] = content or None
-        message["tool_calls"] = tool_calls
-    return {
-        **_envelope(id_, "chat.completion", model, created),
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "logprobs": logprobs,
-                "finish_reason": finish_reason,
-            }
-        ],
-        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
-    }
-
-
-def chat_chunk(
-    id_: str,
-    model: str,
-    created: int,
-    delta: dict[str, Any],
-    finish_reason: str | None = None,
-    include_usage: bool = False,
-    logprobs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    chunk = {
-        **_envelope(id_, "chat.completion.chunk", model, created),
-        "choices": [
-            {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-        ],
-    }
-    if include_usage:
-        chunk["usage"] = None
-    return chunk
-
-
-def completion_response(
-    id_: str,
-    model: str,
-    created: int,
-    choices: list[tuple[str, FinishReason]],
-    prompt_tokens: int,
-    completion_tokens: int,
-    cached_tokens: int = 0,
-    logprobs: list[dict[str, Any] | None] | None = None,
-) -> dict[str, Any]:
-    return {
-        **_envelope(id_, "text_completion", model, created),
-        "choices": [
-            {
-                "index": i,
-                "text": text,
-                "logprobs": logprobs[i] if logprobs else None,
-                "finish_reason": reason,
-            }
-            for i, (text, reason) in enumerate(choices)
-        ],
-        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
-    }
-
-
-def completion_chunk(
-    id_: str,
-    model: str,
-    created: int,
-    index: int,
-    text: str,
-    finish_reason: FinishReason | None = None,
-    include_usage: bool = False,
-    logprobs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    chunk = {
-        **_envelope(id_, "text_completion", model, created),
-        "choices": [
-            {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-        ],
-    }
-    if include_usage:
-        chunk["usage"] = None
-    return chunk
-
-
-def usage_chunk(
-    id_: str,
-    obj: str,
-    model: str,
-    created: int,
-    prompt_tokens: int,
-    completion_tokens: int,
-    cached_tokens: int = 0,
-) -> dict[str, Any]:
-    return {
-        **_envelope(id_, obj, model, created),
-        "choices": [],
-        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
-    }
-
-
-def now() -> int:
-    return int(time.time())

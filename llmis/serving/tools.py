@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import jsonschema
-from llama_cpp.llama_grammar import json_schema_to_gbnf
 
+from llmis.engine.grammar import GrammarError, SchemaTooDeepError, schema_grammar
 from llmis.errors import BadRequestError
 from llmis.serving.protocol import MAX_SCHEMA_BYTES, ChatCompletionRequest, NamedToolChoice, ToolDef
 
@@ -205,17 +205,16 @@ def _call_schema(tool: ToolDef) -> dict[str, Any]:
 
 def _to_gbnf(schema: dict[str, Any], param: str) -> str:
     try:
-        grammar: str = json_schema_to_gbnf(json.dumps(schema))
-    except RecursionError:
+        grammar = schema_grammar(schema)
+    except SchemaTooDeepError:
         raise BadRequestError(
             f"{param}: the JSON schema is nested too deeply to be enforced",
             param=param,
             code="invalid_value",
         ) from None
-    except Exception as exc:  # the converter raises bare exceptions on schemas it cannot do
-        detail = str(exc)[:200] or type(exc).__name__
+    except GrammarError as exc:
         raise BadRequestError(
-            f"{param}: this JSON schema cannot be enforced: {detail}",
+            f"{param}: this JSON schema cannot be enforced: {exc}",
             param=param,
             code="invalid_value",
         ) from None

@@ -18,6 +18,7 @@ from llmis.engine.scheduler import Scheduler
 from llmis.errors import ContextOverflowError
 from llmis.models.manager import ModelManager
 from llmis.serving.generation import Generation, start_chat
+from llmis.serving.policy import RequestPolicy
 from llmis.serving.protocol import ChatCompletionRequest, ChatMessage
 
 __all__ = ["Trimmed", "default_reserve", "start_trimmed_chat", "trim_history", "trim_request"]
@@ -94,7 +95,7 @@ async def trim_request(worker: Scheduler, request: ChatCompletionRequest) -> Tri
 
 
 async def start_trimmed_chat(
-    manager: ModelManager, request: ChatCompletionRequest
+    manager: ModelManager, request: ChatCompletionRequest, guard: RequestPolicy
 ) -> tuple[Generation, int]:
     """``start_chat``, but a history too long for the context loses its oldest turns first.
 
@@ -103,13 +104,13 @@ async def start_trimmed_chat(
     trimmed history cannot fit, that error is raised as ``start_chat`` raises it.
     """
     try:
-        return await start_chat(manager, request), 0
+        return await start_chat(manager, request, guard), 0
     except ContextOverflowError:
         async with manager.lease(request.model) as worker:  # not evicted while counting
             trimmed = await trim_request(worker, request)
         if trimmed.dropped == 0:
             raise
     generation = await start_chat(
-        manager, request.model_copy(update={"messages": trimmed.messages})
+        manager, request.model_copy(update={"messages": trimmed.messages}), guard
     )
     return generation, trimmed.dropped

@@ -29,18 +29,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
 from pydantic import Field, field_validator
 
 from llmis.config import PresetSettings
 from llmis.errors import BadRequestError
-from llmis.index.search import search_index
+from llmis.index.search import IndexCache, search_index
 from llmis.models.manager import ModelManager
-from llmis.ops.app_keys import INDEXES, MANAGER
 from llmis.serving.protocol import ChatCompletionRequest, LenientModel, ResponseFormat
-from llmis.tasks.presets import PRESETS
+from llmis.tasks.presets import Presets
 
-__all__ = ["MAX_LABELS", "TaskPlan", "plan_chat"]
+__all__ = ["MAX_LABELS", "TaskPlan", "TaskServices", "plan_chat"]
 
 MAX_LABELS = 64
 MAX_LABEL_CHARS = 100
@@ -107,14 +105,23 @@ def _last_user_text(body: dict[str, Any]) -> str:
     raise BadRequestError("the preset needs a user message", param="messages")
 
 
+@dataclass(frozen=True)
+class TaskServices:
+    """What the presets work with: the models, the presets, and the search indexes."""
+
+    manager: ModelManager
+    presets: Presets
+    indexes: IndexCache
+
+
 async def plan_chat(
-    app: web.Application, body: Any
+    services: TaskServices, body: Any
 ) -> tuple[ChatCompletionRequest, TaskPlan | None]:
     """Validate a chat body; when its model is a preset, rewrite it and plan the task."""
     request = ChatCompletionRequest.model_validate(body)  # the fields, as for any model
     model_id = request.model
-    manager = app[MANAGER]
-    found = app[PRESETS].lookup(model_id, manager)
+    manager = services.manager
+    found = services.presets.lookup(model_id, manager)
     if found is None:
         return request, None
     preset, model = found
@@ -148,7 +155,7 @@ async def plan_chat(
             preset.multi_label if options.multi_label is None else options.multi_label
         )
     elif preset.task == "answer":
-        system = await _answer(app, data, preset, options, system, plan)
+        system = await _answer(services, data, preset, options, system, plan)
     elif preset.task == "extract":
         if schema is None:
             raise BadRequestError(
@@ -251,14 +258,14 @@ def _classify(
 
 
 async def _answer(
-    app: web.Application,
+    services: TaskServices,
     data: dict[str, Any],
     preset: PresetSettings,
     options: TaskOptions,
     system: str | None,
     plan: TaskPlan,
 ) -> str:
-    cache = app[INDEXES]
+    cache = services.indexes
     name = options.index or preset.index
     if name is None:
         manifests = await asyncio.get_running_loop().run_in_executor(None, cache.manifests)
@@ -273,7 +280,7 @@ async def _answer(
             )
     question = _last_user_text(data)
     rows = options.rows or preset.rows
-    _, _, hits = await search_index(app[MANAGER], cache, name, question, rows)
+    _, _, hits = await search_index(services.manager, cache, name, question, rows)
     if not hits:
         raise BadRequestError(f"the index '{name}' has no rows", param="index")
     ids = [hit.row.id for hit in hits]

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiohttp import web
-
 from llmis.config import PresetSettings, Settings
 from llmis.errors import BadRequestError, ModelNotFoundError
 from llmis.models.entry import ModelEntry
 from llmis.models.manager import ModelManager
 
-__all__ = ["BUILTIN_PRESETS", "PRESETS", "Presets", "setup"]
+__all__ = ["BUILTIN_PRESETS", "Presets"]
 
 BUILTIN_PRESETS = (
     PresetSettings(
@@ -110,10 +108,3 @@ def default_model(manager: ModelManager) -> str:
         param="model",
         code="model_not_found",
     )
-
-
-PRESETS = web.AppKey("presets", Presets)
-
-
-def setup(app: web.Application, settings: Settings) -> None:
-    app[PRESETS] = Presets(settings)
