@@ -287,3 +287,46 @@ def test_messages_bad_preset_params(anthropic_client: anthropic.Anthropic) -> No
             extra_body={"labels": "not a list"},
         )
     assert "labels" in labels.value.body["error"]["message"]  # type: ignore[index]
+
+
+# ----- every family plans the same request -----
+
+
+def test_every_family_gives_chats_answer(
+    openai_client: openai.OpenAI,
+    ollama_client: ollama.Client,
+    anthropic_client: anthropic.Anthropic,
+    server: RunningServer,
+) -> None:
+    """The same text to ``classify`` on each API: the same prompt, so the same label and the
+    same probabilities as on /v1/chat/completions (and logprobs work on completions)."""
+    for row in (0, 5, 10):
+        text = text_of(row)
+        chat = openai_client.chat.completions.create(
+            model="classify",
+            messages=[{"role": "user", "content": text}],
+            extra_body={"labels": LABELS},
+        )
+        expected = task_of(chat)
+        completion = openai_client.completions.create(
+            model="classify", prompt=text, logprobs=2, extra_body={"labels": LABELS}
+        )
+        logprobs = completion.choices[0].logprobs
+        assert logprobs is not None and logprobs.tokens is not None
+        assert "".join(logprobs.tokens) == completion.choices[0].text
+        status, generated = post_raw(
+            server,
+            "/api/generate",
+            {"model": "classify", "prompt": text, "labels": LABELS, "stream": False},
+        )
+        assert status == 200
+        message = anthropic_client.messages.create(
+            model="classify",
+            max_tokens=32,
+            messages=[{"role": "user", "content": text}],
+            extra_body={"labels": LABELS},
+        )
+        for task in (task_of(completion), generated["task"], task_of(message)):
+            assert task["label"] == expected["label"]
+            for label in LABELS:
+                assert abs(task["probabilities"][label] - expected["probabilities"][label]) < 1e-4
