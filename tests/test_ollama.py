@@ -92,7 +92,7 @@ def test_list_show_ps_version(client: ollama.Client, ollama_server: RunningServe
     assert listed.details.family == "llama"
     assert listed.details.quantization_level == "Q4_1"
     shown = client.show("smollm2")
-    assert shown.capabilities == ["completion"]
+    assert shown.capabilities == ["completion", "tools"]  # it has a chat template
     assert shown.modelinfo is not None
     assert shown.modelinfo["general.architecture"] == "llama"
     assert shown.modelinfo["llama.context_length"] == 8192

@@ -13,6 +13,7 @@ stream started is an ``error`` event.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from typing import Any
@@ -23,11 +24,12 @@ from llmis.api.anthropic_protocol import CountTokensRequest, MessagesRequest
 from llmis.api.middleware import read_json, request_policy
 from llmis.api.sse import EventStream
 from llmis.engine.jobs import Delta, Failed, Finished
-from llmis.ops.app_keys import MANAGER, SETTINGS
+from llmis.ops.app_keys import MANAGER, SETTINGS, task_services
 from llmis.ops.families import error_for
 from llmis.serving.formats import compile_grammar
 from llmis.serving.generation import Generation, count_chat_tokens, start_chat
 from llmis.serving.toolcalls import ContentPiece, OutputParser, Piece
+from llmis.tasks.plan import TaskPlan, plan_task
 
 __all__ = ["routes", "stop_reason"]
 
@@ -89,14 +91,24 @@ def _message(
 
 @routes.post("/v1/messages")
 async def messages(request: web.Request) -> web.StreamResponse:
-    req = MessagesRequest.model_validate(await read_json(request))
-    chat = req.to_openai()
+    body = await read_json(request)
+    req = MessagesRequest.model_validate(body)
+    chat = req.to_openai()  # validated with Anthropic's field names in errors
+    # a preset: its task fields are top-level fields beside Anthropic's
+    planned = (
+        await plan_task(task_services(request.app), req.chat_body(), body)
+        if isinstance(body, dict)
+        else None
+    )
+    chat, plan = planned if planned is not None else (chat, None)
     await compile_grammar(chat)
     generation = await start_chat(request.app[MANAGER], chat, request_policy(request, chat.model))
+    if plan is not None:  # a preset: the response names it
+        generation = dataclasses.replace(generation, model=plan.model_id)
     id_ = f"msg_{uuid.uuid4().hex[:24]}"
     try:
         if req.stream:
-            return await _stream(request, req, generation, id_)
+            return await _stream(request, req, generation, id_, plan)
         result = await generation.collect(generation.jobs[0])
         done = Finished(
             result.finish_reason,
@@ -111,7 +123,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         reason = stop_reason(done, req.stop_sequences)
         if parser.calls and result.finish_reason == "stop":
             reason = ("tool_use", None)
-        body = _message(
+        reply = _message(
             id_,
             generation.model,
             _blocks(parser),
@@ -119,21 +131,32 @@ async def messages(request: web.Request) -> web.StreamResponse:
             result.prompt_tokens,
             result.completion_tokens,
         )
-        return web.json_response(body)
+        if plan is not None:
+            reply.update(await plan.result(result.text))
+        return web.json_response(reply)
     finally:
         generation.cancel()
 
 
 async def _stream(
-    request: web.Request, req: MessagesRequest, generation: Generation, id_: str
+    request: web.Request,
+    req: MessagesRequest,
+    generation: Generation,
+    id_: str,
+    plan: TaskPlan | None = None,
 ) -> web.StreamResponse:
+    """``plan``: a preset's task; what it knows before generating goes in
+    ``message_start``'s message as ``task``, its result on ``message_delta`` as ``task``."""
     server = request.app[SETTINGS].server
     sse = EventStream(request, write_timeout=server.write_timeout_seconds)
     job = generation.jobs[0]
     input_tokens = len(job.prompt)
+    parts: list[str] = []
     try:
         await sse.prepare()
         start = _message(id_, generation.model, [], None, input_tokens, 0)
+        if plan is not None:
+            start.update(plan.first())
         await sse.send_event("message_start", {"type": "message_start", "message": start})
         blocks = _Blocks(sse, eager_text=not req.tools)
         await blocks.begin()
@@ -143,6 +166,7 @@ async def _stream(
             if event is None:
                 await sse.send_event("ping", {"type": "ping"})
             elif isinstance(event, Delta):
+                parts.append(event.text)
                 await blocks.send(parser.feed(event.text))
             elif isinstance(event, Finished):
                 await blocks.send(parser.finish())
@@ -150,14 +174,14 @@ async def _stream(
                 reason, sequence = stop_reason(event, req.stop_sequences)
                 if parser.calls and event.finish_reason == "stop":
                     reason, sequence = "tool_use", None
-                await sse.send_event(
-                    "message_delta",
-                    {
-                        "type": "message_delta",
-                        "delta": {"stop_reason": reason, "stop_sequence": sequence},
-                        "usage": {"output_tokens": event.completion_tokens},
-                    },
-                )
+                delta: dict[str, Any] = {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": reason, "stop_sequence": sequence},
+                    "usage": {"output_tokens": event.completion_tokens},
+                }
+                if plan is not None:
+                    delta.update(await plan.result("".join(parts)))
+                await sse.send_event("message_delta", delta)
                 await sse.send_event("message_stop", {"type": "message_stop"})
             elif isinstance(event, Failed):
                 await sse.send_event("error", error_for("anthropic", event.error))

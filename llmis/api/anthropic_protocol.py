@@ -197,6 +197,10 @@ class MessagesRequest(_Conversation):
     metadata: dict[str, Any] | None = None
 
     def to_openai(self) -> ChatCompletionRequest:
+        return validate_as(ChatCompletionRequest, self.chat_body(), {"stop": "stop_sequences"})
+
+    def chat_body(self) -> dict[str, Any]:
+        """The OpenAI chat body this request becomes (not validated yet)."""
         body: dict[str, Any] = {
             "model": self.model,
             "messages": self.chat_messages(),
@@ -216,7 +220,7 @@ class MessagesRequest(_Conversation):
                 raise BadRequestError(str(exc), param="tool_choice") from None
             if self.tool_choice.disable_parallel_tool_use:
                 body["parallel_tool_calls"] = False
-        return validate_as(ChatCompletionRequest, body, {"stop": "stop_sequences"})
+        return body
 
 
 class CountTokensRequest(_Conversation):

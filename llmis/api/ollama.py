@@ -12,6 +12,8 @@ an error after a stream started is sent as its last line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -36,16 +38,17 @@ from llmis.api.ollama_protocol import (
     OllamaPullRequest,
     OllamaShowRequest,
     keep_alive_seconds,
+    task_fields,
 )
 from llmis.api.sse import within
 from llmis.config import Settings
 from llmis.engine.jobs import Delta, Failed, Finished
-from llmis.errors import APIError, BadRequestError
+from llmis.errors import APIError, BadRequestError, ModelNotFoundError
 from llmis.hub.pull import PARTIAL_DIR, PullError, pull_remote
 from llmis.models.entry import ModelEntry, ModelState
 from llmis.models.manager import ModelManager
 from llmis.models.splits import split_part_paths
-from llmis.ops.app_keys import MANAGER, SETTINGS
+from llmis.ops.app_keys import MANAGER, PRESETS, SETTINGS, task_services
 from llmis.ops.auth import KEYRING, PermissionDeniedError, is_admin_request
 from llmis.ops.families import error_for
 from llmis.serving import embeddings as embedding
@@ -54,6 +57,7 @@ from llmis.serving.formats import compile_grammar
 from llmis.serving.generation import Generation, start_chat, start_completion
 from llmis.serving.protocol import ChatCompletionRequest
 from llmis.serving.toolcalls import ContentPiece, OutputParser, Piece
+from llmis.tasks.plan import TaskPlan, plan_task
 
 __all__ = ["OLLAMA_API_VERSION", "NdjsonStream", "routes"]
 
@@ -156,7 +160,11 @@ async def tags(request: web.Request) -> web.Response:
     """Every model the server can serve, loaded or not."""
     manager = request.app[MANAGER]
     await manager.refresh()
-    return web.json_response({"models": [_model(n, e) for n, e in _named(manager)]})
+    models = [_model(n, e) for n, e in _named(manager)]
+    for preset in request.app[PRESETS].openai_objects(manager):  # with their model's facts
+        with contextlib.suppress(ModelNotFoundError):
+            models.append(_model(preset["id"], manager.entry(preset["model"] or "")))
+    return web.json_response({"models": models})
 
 
 @routes.get("/api/ps")
@@ -184,7 +192,8 @@ async def show(request: web.Request) -> web.Response:
     req = OllamaShowRequest.model_validate(await read_json(request))
     manager = request.app[MANAGER]
     await manager.refresh()
-    entry = manager.entry(req.model)
+    found = request.app[PRESETS].lookup(req.model, manager)
+    entry = manager.entry(found[1] if found is not None else req.model)  # a preset: its model
     info = entry.info
     model_info: dict[str, Any] = {}
     if info is not None:
@@ -206,19 +215,27 @@ async def show(request: web.Request) -> web.Response:
         ):
             if value is not None:
                 model_info[f"{arch}.{key}"] = value
-    capabilities = ["embedding"] if entry.settings.embedding else ["completion"]
+    if entry.settings.embedding:
+        capabilities = ["embedding"]
+    elif found is None and info is not None and info.has_chat_template:
+        capabilities = ["completion", "tools"]  # /api/chat's tools go through the template
+    else:
+        capabilities = ["completion"]
     modified, _ = _file_facts(entry)
-    return web.json_response(
-        {
-            "modelfile": "",
-            "parameters": f"num_ctx {entry.settings.n_ctx}",
-            "template": "",
-            "details": _details(entry),
-            "model_info": model_info,
-            "capabilities": capabilities,
-            "modified_at": modified,
-        }
-    )
+    body: dict[str, Any] = {
+        "modelfile": "",
+        "parameters": f"num_ctx {entry.settings.n_ctx}",
+        "template": "",
+        "details": _details(entry),
+        "model_info": model_info,
+        "capabilities": capabilities,
+        "modified_at": modified,
+    }
+    if found is not None:
+        preset, model = found
+        body["system"] = preset.system or ""
+        body["preset"] = {"name": preset.name, "task": preset.task, "model": model}
+    return web.json_response(body)
 
 
 @routes.get("/api/version")
@@ -237,22 +254,38 @@ def _keep_alive(manager: ModelManager, model: str, seconds: float | None) -> Non
 @routes.post("/api/chat")
 async def chat(request: web.Request) -> web.StreamResponse:
     started = time.monotonic_ns()
-    req = OllamaChatRequest.model_validate(await read_json(request))
+    body = await read_json(request)
+    req = OllamaChatRequest.model_validate(body)
     if not req.messages:
         return await _load_or_unload(request, req.model, req.keep_alive_seconds, "message")
+    converted = req.to_openai()  # validated with Ollama's field names in errors
+    planned = await plan_task(task_services(request.app), req.chat_body(), task_fields(body))
+    converted, plan = planned if planned is not None else (converted, None)
     return await _generate(
-        request, req.to_openai(), req.stream, req.keep_alive_seconds, started, is_chat=True
+        request, converted, req.stream, req.keep_alive_seconds, started, is_chat=True, plan=plan
     )
 
 
 @routes.post("/api/generate")
 async def generate(request: web.Request) -> web.StreamResponse:
     started = time.monotonic_ns()
-    req = OllamaGenerateRequest.model_validate(await read_json(request))
+    body = await read_json(request)
+    req = OllamaGenerateRequest.model_validate(body)
     if not req.prompt and not req.system:
         return await _load_or_unload(request, req.model, req.keep_alive_seconds, "response")
+    converted = req.to_openai()
+    plan: TaskPlan | None = None
+    if isinstance(converted, ChatCompletionRequest):
+        planned = await plan_task(task_services(request.app), req.chat_body(), task_fields(body))
+        if planned is not None:
+            converted, plan = planned
+    elif request.app[PRESETS].lookup(req.model, request.app[MANAGER]) is not None:
+        raise BadRequestError(
+            "raw: a preset renders the prompt with the chat template; send it without raw",
+            param="raw",
+        )
     return await _generate(
-        request, req.to_openai(), req.stream, req.keep_alive_seconds, started, is_chat=False
+        request, converted, req.stream, req.keep_alive_seconds, started, is_chat=False, plan=plan
     )
 
 
@@ -262,12 +295,13 @@ async def _load_or_unload(
     """Ollama's empty request: load the model (``done_reason: load``), or with
     ``keep_alive: 0`` unload it (``unload``)."""
     manager = request.app[MANAGER]
-    entry = manager.entry(model)
+    found = request.app[PRESETS].lookup(model, manager)
+    entry = manager.entry(found[1] if found is not None else model)  # a preset: its model
     if keep_alive == 0 and not entry.settings.pin:  # a model pinned in the config stays
         await manager.unload(entry.name)
         reason = "unload"
     else:
-        async with manager.lease(model) as worker:
+        async with manager.lease(entry.name) as worker:
             name, reason = worker.name, "load"
         _keep_alive(manager, name, keep_alive)
     body: dict[str, Any] = {"model": model, "created_at": _timestamp()}
@@ -310,8 +344,10 @@ async def _generate(
     started: int,
     *,
     is_chat: bool,
+    plan: TaskPlan | None = None,
 ) -> web.StreamResponse:
-    """Serve ``req``; ``is_chat``: answer as /api/chat (``message``), else ``response``."""
+    """Serve ``req``; ``is_chat``: answer as /api/chat (``message``), else ``response``.
+    ``plan``: a preset's task, whose result goes on the last object as ``task``."""
     manager = request.app[MANAGER]
     await compile_grammar(req)
     templated = isinstance(req, ChatCompletionRequest)
@@ -319,15 +355,20 @@ async def _generate(
     generation = await (
         start_chat(manager, req, guard) if templated else start_completion(manager, req, guard)
     )
+    served = generation.model
+    if plan is not None:  # a preset: the response names it
+        generation = dataclasses.replace(generation, model=plan.model_id)
     clock = _Clock(started)
     try:
         if stream:
-            return await _stream(request, generation, is_chat, clock)
+            return await _stream(request, generation, is_chat, clock, plan)
         parser = generation.parser()
+        parts: list[str] = []
         async for event in generation.events(generation.jobs[0]):
             if isinstance(event, Delta):
                 clock.tick()
                 parser.feed(event.text)
+                parts.append(event.text)
             elif isinstance(event, Failed):
                 raise event.error
             elif isinstance(event, Finished):
@@ -336,11 +377,13 @@ async def _generate(
                 content = "" if calls and not parser.content.strip() else parser.content
                 body = _piece(generation.model, is_chat, content, done=True, tool_calls=calls)
                 body.update(clock.final(event))
+                if plan is not None:
+                    body.update(await plan.result("".join(parts)))
                 return web.json_response(body)
         raise APIError("generation ended without a result")
     finally:
         generation.cancel()
-        _keep_alive(manager, generation.model, keep_alive)
+        _keep_alive(manager, served, keep_alive)
 
 
 def ollama_tool_calls(parser: OutputParser) -> list[dict[str, Any]] | None:
@@ -377,15 +420,21 @@ def _piece(
 
 
 async def _stream(
-    request: web.Request, generation: Generation, is_chat: bool, clock: _Clock
+    request: web.Request,
+    generation: Generation,
+    is_chat: bool,
+    clock: _Clock,
+    plan: TaskPlan | None = None,
 ) -> web.StreamResponse:
     out = NdjsonStream(request)
+    parts: list[str] = []
     try:
         await out.prepare()
         parser = generation.parser()
         async for event in generation.events(generation.jobs[0]):
             if isinstance(event, Delta):
                 clock.tick()
+                parts.append(event.text)
                 text = _content(parser.feed(event.text))
                 if text:
                     await out.send(_piece(generation.model, is_chat, text, done=False))
@@ -397,6 +446,8 @@ async def _stream(
                     await out.send(piece)
                 final = _piece(generation.model, is_chat, "", done=True)
                 final.update(clock.final(event))
+                if plan is not None:
+                    final.update(await plan.result("".join(parts)))
                 await out.send(final)
             elif isinstance(event, Failed):
                 await out.send(error_for("ollama", event.error))

@@ -23,6 +23,7 @@ from pydantic import AfterValidator, Field, field_validator
 from llmis.api.translate import validate_as
 from llmis.errors import BadRequestError
 from llmis.serving.protocol import ChatCompletionRequest, CompletionRequest, LenientModel
+from llmis.tasks.plan import TASK_FIELDS
 
 __all__ = [
     "OllamaChatRequest",
@@ -35,6 +36,7 @@ __all__ = [
     "OllamaPullRequest",
     "OllamaShowRequest",
     "keep_alive_seconds",
+    "task_fields",
 ]
 
 _DURATION = re.compile(r"(-?[0-9]*\.?[0-9]+)(ns|us|µs|ms|s|m|h)")
@@ -237,12 +239,18 @@ class OllamaChatRequest(_Generating):
     messages: list[OllamaMessage] = Field(default_factory=list)
     tools: list[Any] | None = None
 
-    def to_openai(self) -> ChatCompletionRequest:
+    def chat_body(self) -> dict[str, Any]:
+        """The OpenAI chat body this request becomes (not validated yet)."""
         body = self._openai_fields()
         body["messages"] = _openai_messages(self.messages)
         if self.tools:
             body["tools"] = self.tools
-        request: ChatCompletionRequest = validate_as(ChatCompletionRequest, body, _PARAMS)
+        return body
+
+    def to_openai(self) -> ChatCompletionRequest:
+        request: ChatCompletionRequest = validate_as(
+            ChatCompletionRequest, self.chat_body(), _PARAMS
+        )
         return request
 
 
@@ -271,17 +279,34 @@ class OllamaGenerateRequest(_Generating):
 
     def to_openai(self) -> ChatCompletionRequest | CompletionRequest:
         """``raw``: the prompt as is (a completion); otherwise through the chat template."""
-        body = self._openai_fields()
         if self.raw:
+            body = self._openai_fields()
             body["prompt"] = self.prompt
             completion: CompletionRequest = validate_as(CompletionRequest, body, _PARAMS)
             if "max_tokens" not in body:
                 completion.max_tokens = None  # Ollama's default: until the context is full
             return completion
+        chat: ChatCompletionRequest = validate_as(ChatCompletionRequest, self.chat_body(), _PARAMS)
+        return chat
+
+    def chat_body(self) -> dict[str, Any]:
+        """The OpenAI chat body a templated (not ``raw``) request becomes: ``system``, then
+        ``prompt`` as the user message."""
+        body = self._openai_fields()
         messages = [{"role": "system", "content": self.system}] if self.system else []
         body["messages"] = [*messages, {"role": "user", "content": self.prompt}]
-        chat: ChatCompletionRequest = validate_as(ChatCompletionRequest, body, _PARAMS)
-        return chat
+        return body
+
+
+def task_fields(body: Any) -> dict[str, Any]:
+    """A preset's task fields (``labels``, ``length``...) in an Ollama body: top-level, or
+    in ``options`` (where the ``ollama`` client lets a caller add any key); top-level wins."""
+    if not isinstance(body, dict):
+        return {}
+    options = body.get("options")
+    found = {k: options[k] for k in TASK_FIELDS if isinstance(options, dict) and k in options}
+    found.update({k: body[k] for k in TASK_FIELDS if k in body})
+    return found
 
 
 class OllamaEmbedRequest(LenientModel):

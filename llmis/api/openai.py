@@ -27,7 +27,7 @@ from llmis.serving.formats import compile_grammar
 from llmis.serving.generation import Generation, start_chat, start_completion
 from llmis.serving.protocol import ChatCompletionRequest, CompletionRequest
 from llmis.serving.toolcalls import chat_deltas, tool_call_objects
-from llmis.tasks.plan import TaskPlan, plan_chat
+from llmis.tasks.plan import TaskPlan, plan_chat, plan_completion
 
 __all__ = ["routes"]
 
@@ -92,29 +92,44 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
-    req = CompletionRequest.model_validate(await read_json(request))
-    await compile_grammar(req)
-    generation = await start_completion(
-        request.app[MANAGER], req, request_policy(request, req.model)
+    """A completion; addressed to a preset, the prompt is the user message of a chat request
+    (:func:`llmis.tasks.plan.plan_completion`) and the response carries a ``task`` object."""
+    body = await read_json(request)
+    req = CompletionRequest.model_validate(body)
+    manager = request.app[MANAGER]
+    planned = (
+        await plan_completion(task_services(request.app), req, body)
+        if isinstance(body, dict)
+        else None
     )
+    plan: TaskPlan | None = None
+    if planned is not None:
+        chat, plan = planned
+        await compile_grammar(chat)
+        started = await start_chat(manager, chat, request_policy(request, chat.model))
+        generation = dataclasses.replace(started, model=plan.model_id)
+    else:
+        await compile_grammar(req)
+        generation = await start_completion(manager, req, request_policy(request, req.model))
     try:
         if req.stream:
-            return await _stream_completion(request, req, generation)
+            return await _stream_completion(request, req, generation, plan)
         results = [await generation.collect(job) for job in generation.jobs]
-        return web.json_response(
-            completion_response(
-                new_id("cmpl"),
-                generation.model,
-                now(),
-                [(r.text, r.finish_reason) for r in results],
-                sum(r.prompt_tokens for r in results),
-                sum(r.completion_tokens for r in results),
-                sum(r.cached_tokens for r in results),
-                logprobs=[completion_logprobs(r.logprobs) for r in results]
-                if req.logprobs is not None
-                else None,
-            )
+        reply = completion_response(
+            new_id("cmpl"),
+            generation.model,
+            now(),
+            [(r.text, r.finish_reason) for r in results],
+            sum(r.prompt_tokens for r in results),
+            sum(r.completion_tokens for r in results),
+            sum(r.cached_tokens for r in results),
+            logprobs=[completion_logprobs(r.logprobs) for r in results]
+            if req.logprobs is not None
+            else None,
         )
+        if plan is not None:
+            reply.update(await plan.result(results[0].text))
+        return web.json_response(reply)
     finally:
         generation.cancel()
 
@@ -180,7 +195,10 @@ async def _stream_chat(
 
 
 async def _stream_completion(
-    request: web.Request, req: CompletionRequest, generation: Generation
+    request: web.Request,
+    req: CompletionRequest,
+    generation: Generation,
+    plan: TaskPlan | None = None,
 ) -> web.StreamResponse:
     id_, created, model = new_id("cmpl"), now(), generation.model
     usage = req.include_usage
@@ -188,8 +206,12 @@ async def _stream_completion(
     keepalive = server.keepalive_seconds
     sse = EventStream(request, write_timeout=server.write_timeout_seconds)
     prompt_tokens = completion_tokens = cached_tokens = 0
+    parts: list[str] = []  # a preset's text, for its task result
     try:
         await sse.prepare()
+        if plan is not None:  # what the task knows before generating, as chat's first chunk
+            opening = completion_chunk(id_, model, created, 0, "", None, usage)
+            await sse.send({**opening, **plan.first()})
         for index, job in enumerate(generation.jobs):
             offset = 0
             pace = pacing(request.app[SETTINGS].streaming, req.stream_options)
@@ -197,6 +219,8 @@ async def _stream_completion(
                 if event is None:
                     await sse.ping()
                 elif isinstance(event, Delta):
+                    if plan is not None:
+                        parts.append(event.text)
                     logprobs = None
                     if req.logprobs is not None:
                         logprobs = completion_logprobs(event.logprobs, offset)
@@ -210,9 +234,12 @@ async def _stream_completion(
                     prompt_tokens += event.prompt_tokens
                     completion_tokens += event.completion_tokens
                     cached_tokens += event.cached_tokens
-                    await sse.send(
-                        completion_chunk(id_, model, created, index, "", event.finish_reason, usage)
+                    last = completion_chunk(
+                        id_, model, created, index, "", event.finish_reason, usage
                     )
+                    if plan is not None:
+                        last.update(await plan.result("".join(parts)))
+                    await sse.send(last)
                 elif isinstance(event, Failed):
                     await sse.send(error_for("openai", event.error))
         if usage:

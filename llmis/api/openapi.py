@@ -199,7 +199,9 @@ OPERATIONS: tuple[Operation, ...] = (
         "post",
         "/v1/completions",
         "createCompletion",
-        "A text completion; with `stream: true`, server-sent events.",
+        "A text completion; with `stream: true`, server-sent events. `model` may name a task "
+        "preset (`GET /v1/models`): the prompt is then its user text, task fields such as "
+        "`labels` or `length` go top-level, and the reply has a `task` object.",
         "openai",
         statuses=_TEXT_GENERATION,
         body=CompletionRequest,
@@ -382,7 +384,9 @@ OPERATIONS += (
         "post",
         "/api/chat",
         "ollamaChat",
-        "Ollama: a chat reply; NDJSON unless `stream: false`.",
+        "Ollama: a chat reply; NDJSON unless `stream: false`. `model` may name a task preset; "
+        "its fields (`labels`, `length`...) go top-level or in `options`, and the last object "
+        "has a `task` object.",
         "ollama",
         statuses=_TEXT_GENERATION,
         body=OllamaChatRequest,
@@ -393,7 +397,8 @@ OPERATIONS += (
         "post",
         "/api/generate",
         "ollamaGenerate",
-        "Ollama: a completion of a prompt; NDJSON unless `stream: false`.",
+        "Ollama: a completion of a prompt; NDJSON unless `stream: false`. `model` may name a "
+        "task preset (not with `raw`), as on /api/chat.",
         "ollama",
         statuses=_TEXT_GENERATION,
         body=OllamaGenerateRequest,
@@ -448,7 +453,9 @@ OPERATIONS += (
         "post",
         "/v1/messages",
         "anthropicMessages",
-        "Anthropic Messages API: a reply; with `stream: true`, Anthropic's typed events.",
+        "Anthropic Messages API: a reply; with `stream: true`, Anthropic's typed events. "
+        "`model` may name a task preset; its fields (`labels`, `length`...) go top-level, and "
+        "the reply (streamed: `message_start` and `message_delta`) has a `task` object.",
         "anthropic",
         statuses=_TEXT_GENERATION,
         body=MessagesRequest,

@@ -17,6 +17,11 @@ fields the request left out, and its task shapes the request:
 
 Responses carry the task's results in a ``task`` object (on the last stream event, and what is
 known before generating, such as the retrieved rows, on the first).
+
+:func:`plan_task` is the planning itself, on an OpenAI chat body: chat and the WebSocket reach
+it through :func:`plan_chat`, ``/v1/completions`` through :func:`plan_completion` (the prompt
+is the user message), Ollama and Anthropic with the chat body their request translates to and
+the task fields from where that API carries them.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import asyncio
 import json
 import math
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,10 +40,23 @@ from llmis.config import PresetSettings
 from llmis.errors import BadRequestError
 from llmis.index.search import IndexCache, search_index
 from llmis.models.manager import ModelManager
-from llmis.serving.protocol import ChatCompletionRequest, LenientModel, ResponseFormat
+from llmis.serving.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    LenientModel,
+    ResponseFormat,
+)
 from llmis.tasks.presets import Presets
 
-__all__ = ["MAX_LABELS", "TaskPlan", "TaskServices", "plan_chat"]
+__all__ = [
+    "MAX_LABELS",
+    "TASK_FIELDS",
+    "TaskPlan",
+    "TaskServices",
+    "plan_chat",
+    "plan_completion",
+    "plan_task",
+]
 
 MAX_LABELS = 64
 MAX_LABEL_CHARS = 100
@@ -71,6 +89,10 @@ class TaskOptions(LenientModel):
         if len(set(value)) != len(value):
             raise ValueError("labels must be different from each other")
         return value
+
+
+# the task fields' names as a client sends them (outside OpenAI's own fields)
+TASK_FIELDS = tuple(f.alias or name for name, f in TaskOptions.model_fields.items())
 
 
 @dataclass
@@ -119,13 +141,24 @@ async def plan_chat(
 ) -> tuple[ChatCompletionRequest, TaskPlan | None]:
     """Validate a chat body; when its model is a preset, rewrite it and plan the task."""
     request = ChatCompletionRequest.model_validate(body)  # the fields, as for any model
-    model_id = request.model
+    planned = await plan_task(services, body)
+    return planned if planned is not None else (request, None)
+
+
+async def plan_task(
+    services: TaskServices, body: dict[str, Any], fields: Mapping[str, Any] | None = None
+) -> tuple[ChatCompletionRequest, TaskPlan] | None:
+    """When the ``model`` of ``body`` (an OpenAI chat body, already valid as one) names a
+    preset: the rewritten request and its task; None for a real model. The task fields
+    (``labels``, ``length``...) are read from ``fields`` (default: ``body`` itself), so that
+    every API family can carry them where it likes (see :func:`plan_completion`,
+    :mod:`llmis.api.ollama`, :mod:`llmis.api.anthropic`)."""
     manager = services.manager
-    found = services.presets.lookup(model_id, manager)
+    found = services.presets.lookup(body["model"], manager)
     if found is None:
-        return request, None
+        return None
     preset, model = found
-    options = TaskOptions.model_validate(body)
+    options = TaskOptions.model_validate(body if fields is None else fields)
     data: dict[str, Any] = {**body, "model": model}
     for key in _SAMPLING:
         value = getattr(preset, key)
@@ -182,6 +215,30 @@ async def plan_chat(
     if isinstance(data.get("_grammar"), str):
         request.response_format = ResponseFormat.from_grammar(data["_grammar"])
     return request, plan
+
+
+async def plan_completion(
+    services: TaskServices, request: CompletionRequest, body: dict[str, Any]
+) -> tuple[ChatCompletionRequest, TaskPlan] | None:
+    """A ``/v1/completions`` request (``body``, valid as ``request``) addressed to a preset:
+    its ``prompt`` (one string) is the user message of a chat request, which
+    :func:`plan_task` plans as it plans chat (the preset's system prompt, sampling values and
+    task; rendered with the model's chat template). ``logprobs: n`` asks the chat request
+    for ``top_logprobs: n``. None for a real model."""
+    if services.presets.lookup(request.model, services.manager) is None:
+        return None
+    prompts = request.prompts()
+    if len(prompts) != 1 or not isinstance(prompts[0], str):
+        raise BadRequestError(
+            "prompt: a preset takes one prompt string, the text it works on",
+            param="prompt",
+            code="invalid_value",
+        )
+    chat = {k: v for k, v in body.items() if k not in ("prompt", "logprobs")}
+    chat["messages"] = [{"role": "user", "content": prompts[0]}]
+    if request.logprobs is not None:
+        chat.update(logprobs=True, top_logprobs=request.logprobs)
+    return await plan_task(services, chat)
 
 
 def _parse_json(key: str) -> Finish:
