@@ -247,6 +247,13 @@ def test_unknown_revision_and_repo(pull: Pull) -> None:
     assert "repository llmis-test/no-such-repo not found" in result.stderr
 
 
+def test_a_name_that_is_no_repository_id_is_a_clear_error(pull: Pull) -> None:
+    result = pull("llmis-test/bad..name")  # huggingface_hub refuses it before any request
+    assert result.returncode == 1
+    assert "'llmis-test/bad..name' is not a Hugging Face repository id" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_hf_token_is_sent_to_the_hub_only(pull: Pull, hub: FakeHub) -> None:
     denied = pull(PRIVATE)
     assert denied.returncode == 1

@@ -29,6 +29,7 @@ from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_url
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
+    HFValidationError,
     OfflineModeIsEnabled,
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
@@ -279,6 +280,9 @@ def download(
 def hub_error_message(exc: BaseException, repo_id: str, revision: str | None) -> str | None:
     """One line (or a few) for a hub or network failure; None if ``exc`` is not one."""
     endpoint = constants.ENDPOINT
+    if isinstance(exc, HFValidationError):  # the name is not a repository id at all
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        return f"{repo_id[:200]!r} is not a Hugging Face repository id ({detail})"
     if isinstance(exc, OfflineModeIsEnabled):
         return f"HF_HUB_OFFLINE is set, so the hub at {endpoint} is not contacted"
     if isinstance(exc, httpx2.ConnectError | httpx2.TimeoutException | httpx2.ProxyError):
