@@ -12,6 +12,7 @@ from llmis.api import (
     embeddings,
     health,
     ollama,
+    ollama_models,
     openai,
     openapi,
     pages,
@@ -53,6 +54,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(admin.routes)
     app.add_routes(embeddings.routes)
     app.add_routes(ollama.routes)
+    app.add_routes(ollama_models.routes)
     app.add_routes(anthropic.routes)
     app.add_routes(responses.routes)
     app.add_routes(simple.routes)

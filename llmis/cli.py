@@ -152,7 +152,7 @@ def _serve(args: argparse.Namespace) -> int:
             print=lambda _: print(
                 f"llmis {__version__} serving on http://{host}:{port}", flush=True
             ),
-            access_log=None,  # llmis.ops.logs writes the access log, with request ids and tokens
+            access_log=None,  # llmis.ops.access_log writes it, with request ids and tokens
             shutdown_timeout=5.0,  # after the grace period that on_shutdown has already waited
         )
     except OSError as exc:

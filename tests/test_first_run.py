@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -145,32 +144,18 @@ slots = 1
             "messages": [{"role": "user", "content": "word " * (expected + 10)}],
             "max_tokens": 1,
         }
-        status, error = post_json(server, "/v1/chat/completions", request)
+        status, error = server.post_json("/v1/chat/completions", request)
         assert status == 400, error
         assert f"maximum context length is {expected} tokens" in error["error"]["message"]
         status, body = server.get_json("/v1/models/dropped")
         assert status == 200 and body["state"] == "loaded"  # type: ignore[index]
         assert body["context_length"] == expected  # type: ignore[index]
         lines = [
-            e["message"] for e in log_entries(server) if e.get("logger") == "llmis.models.manager"
+            e["message"] for e in log_entries(server) if e.get("logger") == "llmis.models.loading"
         ]
         said = [m for m in lines if m.startswith("model dropped (dropped in the models dir)")]
         assert said and f"gets n_ctx {expected}" in said[0], lines
         assert "halved to fit the RAM budget" in said[0]
-
-
-def post_json(server: RunningServer, path: str, body: object) -> tuple[int, dict[str, object]]:
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(
-        server.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 # ----- finding the default config -----
@@ -286,8 +271,8 @@ def test_embeddings_and_search_requests_carry_their_model_name(
         return 0.0
 
     before = (count("/v1/embeddings"), count("/v1/search"))
-    assert post_json(search_server, "/v1/embeddings", {"model": "minilm", "input": "x"})[0] == 200
-    status, _ = post_json(search_server, "/v1/search", {"index": "topics", "query": "bread"})
+    assert search_server.post_json("/v1/embeddings", {"model": "minilm", "input": "x"})[0] == 200
+    status, _ = search_server.post_json("/v1/search", {"index": "topics", "query": "bread"})
     assert status == 200
     assert (count("/v1/embeddings"), count("/v1/search")) == (before[0] + 1, before[1] + 1)
 

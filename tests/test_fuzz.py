@@ -22,10 +22,8 @@ import random
 import shutil
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import schemathesis
@@ -188,19 +186,8 @@ def test_server_healthy_after_fuzzing(fuzz_server: RunningServer) -> None:
         "max_tokens": 4,
         "seed": random.randrange(1000),
     }
-    status, answer = post_json(fuzz_server, "/v1/chat/completions", request)
+    status, answer = fuzz_server.post_json("/v1/chat/completions", request)
     assert status == 200, answer
     assert answer["choices"][0]["finish_reason"] in ("stop", "length")
     assert answer["usage"]["completion_tokens"] >= 1
     assert "unhandled error" not in fuzz_server.log()
-
-
-def post_json(server: RunningServer, path: str, body: object) -> tuple[int, Any]:
-    request = urllib.request.Request(
-        server.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=120) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")

@@ -35,17 +35,6 @@ def check_classified(text: str, task: dict[str, Any]) -> None:
     assert all(0 < p < 1 for p in probabilities.values())
 
 
-def post_raw(server: RunningServer, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-    request = urllib.request.Request(
-        server.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=120) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 # ----- OpenAI /v1/completions -----
 
 
@@ -142,8 +131,7 @@ def test_ollama_chat_classify(ollama_client: ollama.Client, server: RunningServe
     assert [p.done for p in parts] == [False] * (len(parts) - 1) + [True]
     assert "".join(p.message.content or "" for p in parts) == whole.message.content
     # the task result is a top-level field of the last object; task fields top-level work too
-    status, body = post_raw(
-        server,
+    status, body = server.post_json(
         "/api/chat",
         {"model": "classify", "messages": messages, "labels": LABELS, "stream": False},
     )
@@ -182,8 +170,7 @@ def test_ollama_generate_summarize_and_classify(
         model="classify", prompt=text_of(), options={"labels": LABELS}
     )
     assert labelled.response in LABELS
-    status, body = post_raw(
-        server,
+    status, body = server.post_json(
         "/api/generate",
         {"model": "classify", "prompt": text_of(), "options": {"labels": LABELS}, "stream": False},
     )
@@ -198,8 +185,8 @@ def test_ollama_bad_preset_params(ollama_client: ollama.Client, server: RunningS
             model="classify", messages=[{"role": "user", "content": "x"}], options={"labels": []}
         )
     assert bad.value.status_code == 400 and "labels" in bad.value.error
-    status, body = post_raw(
-        server, "/api/generate", {"model": "summarize", "prompt": "x", "length": 0}
+    status, body = server.post_json(
+        "/api/generate", {"model": "summarize", "prompt": "x", "length": 0}
     )
     assert status == 400 and set(body) == {"error"} and "length" in body["error"]
     with pytest.raises(ollama.ResponseError) as raw:
@@ -210,10 +197,10 @@ def test_ollama_bad_preset_params(ollama_client: ollama.Client, server: RunningS
 def test_ollama_show_and_tags(ollama_client: ollama.Client, server: RunningServer) -> None:
     assert ollama_client.show("smollm2").capabilities == ["completion", "tools"]
     assert ollama_client.show("classify").capabilities == ["completion"]
-    status, shown = post_raw(server, "/api/show", {"model": "summarize@smollm2-q1"})
+    status, shown = server.post_json("/api/show", {"model": "summarize@smollm2-q1"})
     assert status == 200
     assert shown["preset"] == {"name": "summarize", "task": "summarize", "model": "smollm2-q1"}
-    status, missing = post_raw(server, "/api/show", {"model": "summarize@nosuch"})
+    status, missing = server.post_json("/api/show", {"model": "summarize@nosuch"})
     assert status == 404 and set(missing) == {"error"}
     names = {m.model for m in ollama_client.list().models}
     assert {"smollm2", "summarize", "classify", "answer", "extract"} <= names
@@ -314,8 +301,7 @@ def test_every_family_gives_chats_answer(
         logprobs = completion.choices[0].logprobs
         assert logprobs is not None and logprobs.tokens is not None
         assert "".join(logprobs.tokens) == completion.choices[0].text
-        status, generated = post_raw(
-            server,
+        status, generated = server.post_json(
             "/api/generate",
             {"model": "classify", "prompt": text, "labels": LABELS, "stream": False},
         )

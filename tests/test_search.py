@@ -4,12 +4,9 @@ server with the converted MiniLM model; bad CSVs; the store and the top-k maths 
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,17 +64,6 @@ def search_server(workdir: Path, start_server: Callable[..., RunningServer]) -> 
     return start_server((workdir / "llmis.toml").read_text())
 
 
-def post(server: RunningServer, path: str, body: object) -> tuple[int, dict[str, object]]:
-    request = urllib.request.Request(
-        server.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 def results(body: dict[str, object]) -> list[dict[str, object]]:
     data = body["data"]
     assert isinstance(data, list)
@@ -104,8 +90,7 @@ def test_indexes_lists_model_and_rows(search_server: RunningServer) -> None:
 
 
 def test_search_returns_the_expected_topic(search_server: RunningServer) -> None:
-    status, body = post(
-        search_server,
+    status, body = search_server.post_json(
         "/v1/search",
         {"index": "topics", "query": "my puppy keeps peeing on the carpet", "top_k": 3},
     )
@@ -126,8 +111,8 @@ def test_labelled_queries_recall_at_3(search_server: RunningServer) -> None:
         labelled = [(r["query"], r["expected_id"]) for r in csv.DictReader(handle)]
     found = 0
     for query, expected in labelled:
-        status, body = post(
-            search_server, "/v1/search", {"index": "topics", "query": query, "top_k": 3}
+        status, body = search_server.post_json(
+            "/v1/search", {"index": "topics", "query": query, "top_k": 3}
         )
         assert status == 200
         found += expected in [h["id"] for h in results(body)]
@@ -135,20 +120,22 @@ def test_labelled_queries_recall_at_3(search_server: RunningServer) -> None:
 
 
 def test_search_errors(search_server: RunningServer, workdir: Path) -> None:
-    status, body = post(search_server, "/v1/search", {"index": "nope", "query": "x"})
+    status, body = search_server.post_json("/v1/search", {"index": "nope", "query": "x"})
     assert (status, error_code(body)) == (404, "index_not_found")
-    status, body = post(
-        search_server, "/v1/search", {"index": "topics", "query": "x", "model": "smollm2-embed"}
+    status, body = search_server.post_json(
+        "/v1/search", {"index": "topics", "query": "x", "model": "smollm2-embed"}
     )
     assert (status, error_code(body)) == (400, "index_model_mismatch")
     assert "built with the model 'minilm'" in body["error"]["message"]  # type: ignore[index]
     for bad in ({"query": "   "}, {"top_k": 0}, {"top_k": 101}):
-        status, body = post(search_server, "/v1/search", {"index": "topics", "query": "x", **bad})
+        status, body = search_server.post_json(
+            "/v1/search", {"index": "topics", "query": "x", **bad}
+        )
         assert status == 400, bad
     ghost = load_index(workdir / "indexes" / "topics")
     manifest = ghost.manifest.model_copy(update={"name": "ghost", "model": "not-served"})
     save_index(workdir / "indexes", manifest, ghost.rows, ghost.vectors)
-    status, body = post(search_server, "/v1/search", {"index": "ghost", "query": "x"})
+    status, body = search_server.post_json("/v1/search", {"index": "ghost", "query": "x"})
     assert (status, error_code(body)) == (400, "index_model_unavailable")
 
 
@@ -183,8 +170,8 @@ def test_reindex_embeds_only_changed_rows(
     assert next(r for r in after.rows if r.id == body[1][0]).fields["title"] == "Renamed title only"
 
     # the running server sees the rebuilt index without a restart
-    status, found = post(
-        search_server, "/v1/search", {"index": "incremental", "query": "paper folding art"}
+    status, found = search_server.post_json(
+        "/v1/search", {"index": "incremental", "query": "paper folding art"}
     )
     assert status == 200
     assert results(found)[0]["id"] == "origami"

@@ -7,15 +7,14 @@ Error``). Statuses the middlewares can give are listed on each operation they ap
 and 403 (API keys, a foreign ``Host`` or ``Origin``), 503 while draining, 415 for a browser's
 body that is not JSON, 429 from the rate limits under ``/v1/``.
 
-The table of operations is checked against the router by ``tests/test_openapi.py``: a route
-added without an entry here fails the suite.
+The table of operations is in :mod:`llmis.api.openapi_operations`; ``tests/test_openapi.py``
+checks it against the router.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -23,22 +22,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from llmis import __version__
-from llmis.api.admin import LoadBody, SwapBody, UnloadBody
-from llmis.api.anthropic_protocol import CountTokensRequest, MessagesRequest
-from llmis.api.embeddings import EmbeddingRequest
-from llmis.api.ollama_protocol import (
-    OllamaChatRequest,
-    OllamaDeleteRequest,
-    OllamaEmbeddingsRequest,
-    OllamaEmbedRequest,
-    OllamaGenerateRequest,
-    OllamaPullRequest,
-    OllamaShowRequest,
-)
-from llmis.api.responses import ResponsesRequest
-from llmis.api.search import SearchRequest
-from llmis.api.simple import InferBody, LoadModelBody
-from llmis.serving.protocol import ChatCompletionRequest, CompletionRequest
+from llmis.api.openapi_operations import JSON_OBJECT, OPERATIONS, REQUEST_MODELS, Operation
 
 __all__ = ["DOCUMENT", "OPERATIONS", "Operation", "build_document", "routes", "setup"]
 
@@ -65,13 +49,6 @@ _ERRORS: Mapping[int, str] = {
     504: "The request ran past `[limits] request_timeout` or `idle_timeout` before it "
     "started answering.",
 }
-
-# Statuses any route can give, from the middlewares (auth, host/origin checks, draining).
-_ANY_ROUTE = (401, 403, 503)
-# What routes under /v1/ can give besides: the rate limits.
-_V1 = (429,)
-# What every route with a JSON body can give: bad JSON or fields, too large, not JSON.
-_BODY = (400, 413, 415)
 
 _ERROR_SCHEMA: dict[str, Any] = {
     "title": "Error",
@@ -117,374 +94,13 @@ _ANTHROPIC_ERROR_SCHEMA: dict[str, Any] = {
     },
 }
 
-_NDJSON: dict[str, Any] = {
-    "type": "object",
-    "description": "One line of an NDJSON stream (a JSON object); the last has `done: true` "
-    "(or `status: success` for a pull), or is an `{error}` object.",
-}
-
-_JSON_OBJECT: dict[str, Any] = {"type": "object"}
-# In OpenAPI 3.1 the schema of `text/event-stream` describes one event.
-_SSE: dict[str, Any] = {
-    "type": "object",
-    "description": "One server-sent event: `data` is a JSON chunk (or an error object), and "
-    "the last event's `data` is `[DONE]`.",
-    "required": ["data"],
-    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
-}
-
-
-@dataclass(frozen=True)
-class Operation:
-    """One method on one path, as the document describes it."""
-
-    method: str
-    path: str
-    operation_id: str
-    summary: str
-    tag: str
-    statuses: tuple[int, ...] = ()  # error statuses besides those of every route
-    body: type[BaseModel] | None = None
-    ok: Mapping[str, Mapping[str, Any]] | None = None  # 200 content; None = a JSON object
-    ok_status: int = 200
-    path_params: tuple[str, ...] = ()
-    description: str = ""
-    # Error statuses that can also come with another body than the JSON error, by media type.
-    other_error_bodies: Mapping[int, Mapping[str, Any]] | None = None
-    error_schema: str = "Error"  # the API family's error shape (OllamaError, AnthropicError)
-
-    def error_statuses(self) -> list[int]:
-        codes = set(_ANY_ROUTE) | set(self.statuses)
-        if self.body is not None:
-            codes |= set(_BODY)
-        if self.path.startswith(("/v1/", "/api/")):
-            codes |= set(_V1)
-        return sorted(codes)
-
-
-_GENERATION = (403, 404, 409, 429, 503)
-_TEXT_GENERATION = (*_GENERATION, 504)
-
-OPERATIONS: tuple[Operation, ...] = (
-    Operation(
-        "get",
-        "/healthz",
-        "healthz",
-        "Readiness: 200 when ready, 503 while loading or when no configured model is usable.",
-        "health",
-    ),
-    Operation("get", "/health", "health", "Same as /healthz.", "health"),
-    Operation("get", "/version", "version", "llmis and llama.cpp versions.", "health"),
-    Operation("get", "/v1/models", "listModels", "Every model and alias.", "openai"),
-    Operation(
-        "get",
-        "/v1/models/{name}",
-        "getModel",
-        "One model or alias.",
-        "openai",
-        statuses=(400, 404),
-        path_params=("name",),
-    ),
-    Operation(
-        "post",
-        "/v1/chat/completions",
-        "createChatCompletion",
-        "A chat completion; with `stream: true`, server-sent events.",
-        "openai",
-        statuses=_TEXT_GENERATION,
-        body=ChatCompletionRequest,
-        ok={"application/json": {"schema": _JSON_OBJECT}, "text/event-stream": {"schema": _SSE}},
-    ),
-    Operation(
-        "post",
-        "/v1/completions",
-        "createCompletion",
-        "A text completion; with `stream: true`, server-sent events. `model` may name a task "
-        "preset (`GET /v1/models`): the prompt is then its user text, task fields such as "
-        "`labels` or `length` go top-level, and the reply has a `task` object.",
-        "openai",
-        statuses=_TEXT_GENERATION,
-        body=CompletionRequest,
-        ok={"application/json": {"schema": _JSON_OBJECT}, "text/event-stream": {"schema": _SSE}},
-    ),
-    Operation(
-        "post",
-        "/v1/responses",
-        "createResponse",
-        "A response (OpenAI's Responses API, stateless); with `stream: true`, typed "
-        "server-sent events (`event:` lines, `sequence_number`).",
-        "openai",
-        statuses=_TEXT_GENERATION,
-        body=ResponsesRequest,
-        ok={"application/json": {"schema": _JSON_OBJECT}, "text/event-stream": {"schema": _SSE}},
-    ),
-    Operation("get", "/models", "simpleListModels", "Every model with its state.", "simple"),
-    Operation(
-        "post",
-        "/load",
-        "simpleLoadModel",
-        "Load a model the server knows, now.",
-        "simple",
-        statuses=(404, 409, 429),
-        body=LoadModelBody,
-    ),
-    Operation(
-        "post",
-        "/infer",
-        "simpleInfer",
-        "Generate from `prompt` or `messages`; `?stream=true` for server-sent events.",
-        "simple",
-        statuses=_TEXT_GENERATION,
-        body=InferBody,
-        ok={"application/json": {"schema": _JSON_OBJECT}, "text/event-stream": {"schema": _SSE}},
-        description=(
-            "Any parameter of /v1/completions or /v1/chat/completions is accepted. The "
-            "stream sends `{text}` events, then `{finish_reason, usage}` and `[DONE]`."
-        ),
-    ),
-    Operation(
-        "post",
-        "/v1/embeddings",
-        "createEmbedding",
-        "Embeddings of one or more inputs.",
-        "openai",
-        statuses=_GENERATION,
-        body=EmbeddingRequest,
-    ),
-    Operation(
-        "post",
-        "/v1/search",
-        "search",
-        "Semantic search over an index built with `llmis index`.",
-        "search",
-        statuses=_GENERATION,
-        body=SearchRequest,
-    ),
-    Operation("get", "/v1/indexes", "listIndexes", "Every index.", "search"),
-    Operation(
-        "get",
-        "/v1/ws",
-        "chatSocket",
-        "Chat completions over a WebSocket.",
-        "openai",
-        statuses=(400,),
-        ok_status=101,
-        ok={},
-        description=(
-            "Upgrade to a WebSocket (400 without the upgrade headers). Each text message is a "
-            "JSON object: `{type: chat, id, ...}` with the fields of `ChatCompletionRequest` "
-            "(and `trim`), `{type: cancel, id}` or `{type: ping}`. The server answers with "
-            "`delta` events, then one `done` or `error` per chat id."
-        ),
-    ),
-    Operation("get", "/admin/models", "adminListModels", "Every model with its state.", "admin"),
-    Operation(
-        "post",
-        "/admin/models/load",
-        "adminLoadModel",
-        "Load a model now.",
-        "admin",
-        statuses=(404, 409),
-        body=LoadBody,
-    ),
-    Operation(
-        "post",
-        "/admin/models/unload",
-        "adminUnloadModel",
-        "Drain, then free a model.",
-        "admin",
-        statuses=(404, 409),
-        body=UnloadBody,
-    ),
-    Operation(
-        "post",
-        "/admin/models/swap",
-        "adminSwapModel",
-        "Load a version, then repoint an alias at it.",
-        "admin",
-        statuses=(404, 409),
-        body=SwapBody,
-    ),
-    Operation(
-        "get",
-        "/metrics",
-        "metrics",
-        "Prometheus metrics.",
-        "ops",
-        ok={"text/plain": {"schema": {"type": "string"}}},
-    ),
-    Operation(
-        "get",
-        "/openapi.json",
-        "openapi",
-        "This document.",
-        "ops",
-    ),
-    Operation(
-        "get",
-        "/",
-        "chatPage",
-        "The chat page.",
-        "ui",
-        ok={"text/html": {"schema": {"type": "string"}}},
-    ),
-    Operation(
-        "get",
-        "/static/{name}",
-        "staticFile",
-        "The chat page's assets (only the files shipped with it; anything else is a 404).",
-        "ui",
-        statuses=(404,),
-        ok={"*/*": {"schema": {"type": "string"}}},
-        path_params=("name",),
-    ),
-)
-
-_OLLAMA_GENERATION = {
-    "application/json": {"schema": _JSON_OBJECT},
-    "application/x-ndjson": {"schema": _NDJSON},
-}
-
-OPERATIONS += (
-    Operation(
-        "get",
-        "/api/tags",
-        "ollamaTags",
-        "Ollama: every model.",
-        "ollama",
-        error_schema="OllamaError",
-    ),
-    Operation(
-        "get",
-        "/api/ps",
-        "ollamaPs",
-        "Ollama: the loaded models.",
-        "ollama",
-        error_schema="OllamaError",
-    ),
-    Operation(
-        "get",
-        "/api/version",
-        "ollamaVersion",
-        "Ollama: the API version.",
-        "ollama",
-        error_schema="OllamaError",
-    ),
-    Operation(
-        "post",
-        "/api/show",
-        "ollamaShow",
-        "Ollama: one model's details.",
-        "ollama",
-        statuses=(404,),
-        body=OllamaShowRequest,
-        error_schema="OllamaError",
-    ),
-    Operation(
-        "post",
-        "/api/chat",
-        "ollamaChat",
-        "Ollama: a chat reply; NDJSON unless `stream: false`. `model` may name a task preset; "
-        "its fields (`labels`, `length`...) go top-level or in `options`, and the last object "
-        "has a `task` object.",
-        "ollama",
-        statuses=_TEXT_GENERATION,
-        body=OllamaChatRequest,
-        ok=_OLLAMA_GENERATION,
-        error_schema="OllamaError",
-    ),
-    Operation(
-        "post",
-        "/api/generate",
-        "ollamaGenerate",
-        "Ollama: a completion of a prompt; NDJSON unless `stream: false`. `model` may name a "
-        "task preset (not with `raw`), as on /api/chat.",
-        "ollama",
-        statuses=_TEXT_GENERATION,
-        body=OllamaGenerateRequest,
-        ok=_OLLAMA_GENERATION,
-        error_schema="OllamaError",
-    ),
-    Operation(
-        "post",
-        "/api/embed",
-        "ollamaEmbed",
-        "Ollama: embeddings of one or more inputs.",
-        "ollama",
-        statuses=_GENERATION,
-        body=OllamaEmbedRequest,
-        error_schema="OllamaError",
-    ),
-    Operation(
-        "post",
-        "/api/embeddings",
-        "ollamaEmbeddings",
-        "Ollama (legacy): one embedding.",
-        "ollama",
-        statuses=_GENERATION,
-        body=OllamaEmbeddingsRequest,
-        error_schema="OllamaError",
-    ),
-    Operation(
-        "post",
-        "/api/pull",
-        "ollamaPull",
-        "Ollama: pull a model (`llmis pull`); admin only; NDJSON progress unless `stream: false`.",
-        "ollama",
-        body=OllamaPullRequest,
-        ok=_OLLAMA_GENERATION,
-        error_schema="OllamaError",
-    ),
-    Operation(
-        "delete",
-        "/api/delete",
-        "ollamaDelete",
-        "Ollama: unload and delete a model file of the models dir; admin only.",
-        "ollama",
-        statuses=(404,),
-        body=OllamaDeleteRequest,
-        ok={},
-        error_schema="OllamaError",
-    ),
-)
-
-OPERATIONS += (
-    Operation(
-        "post",
-        "/v1/messages",
-        "anthropicMessages",
-        "Anthropic Messages API: a reply; with `stream: true`, Anthropic's typed events. "
-        "`model` may name a task preset; its fields (`labels`, `length`...) go top-level, and "
-        "the reply (streamed: `message_start` and `message_delta`) has a `task` object.",
-        "anthropic",
-        statuses=_TEXT_GENERATION,
-        body=MessagesRequest,
-        ok={"application/json": {"schema": _JSON_OBJECT}, "text/event-stream": {"schema": _SSE}},
-        error_schema="AnthropicError",
-    ),
-    Operation(
-        "post",
-        "/v1/messages/count_tokens",
-        "anthropicCountTokens",
-        "Anthropic Messages API: the tokens of a request's prompt.",
-        "anthropic",
-        statuses=_GENERATION,
-        body=CountTokensRequest,
-        error_schema="AnthropicError",
-    ),
-)
-
-_REQUEST_MODELS: tuple[type[BaseModel], ...] = tuple(
-    op.body for op in OPERATIONS if op.body is not None
-)
-
 
 def _schemas() -> tuple[dict[type[BaseModel], dict[str, Any]], dict[str, Any]]:
     """Each request model's ``$ref`` and every schema they need, keyed for ``components``."""
     keyed, top = models_json_schema(
-        [(model, "validation") for model in _REQUEST_MODELS], ref_template=REF
+        [(model, "validation") for model in REQUEST_MODELS], ref_template=REF
     )
-    refs = {model: keyed[(model, "validation")] for model in _REQUEST_MODELS}
+    refs = {model: keyed[(model, "validation")] for model in REQUEST_MODELS}
     return refs, {
         **top.get("$defs", {}),
         "Error": _ERROR_SCHEMA,
@@ -503,7 +119,7 @@ def _error_response(
 
 
 def _operation(op: Operation, refs: Mapping[type[BaseModel], Mapping[str, Any]]) -> dict[str, Any]:
-    content = op.ok if op.ok is not None else {"application/json": {"schema": _JSON_OBJECT}}
+    content = op.ok if op.ok is not None else {"application/json": {"schema": JSON_OBJECT}}
     ok: dict[str, Any] = {"description": "Switching protocols" if op.ok_status == 101 else "OK"}
     if content:
         ok["content"] = {kind: dict(media) for kind, media in content.items()}

@@ -79,17 +79,7 @@ async def search(request: web.Request) -> web.Response:
             "object": "list",
             "index": req.index,
             "model": built_with,
-            "data": [
-                {
-                    "object": "search_result",
-                    "rank": hit.rank,
-                    "score": hit.score,
-                    "id": hit.row.id,
-                    "text": hit.row.text,
-                    "fields": hit.row.fields,
-                }
-                for hit in hits
-            ],
+            "data": [{"object": "search_result", **hit.as_dict()} for hit in hits],
             "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
         }
     )

@@ -34,10 +34,10 @@ from llmis.api.openai_bodies import usage
 from llmis.api.sse import within
 from llmis.engine.jobs import Delta, Failed, Finished
 from llmis.errors import APIError, BadRequestError
+from llmis.ops.access_log import finish_request
 from llmis.ops.app_keys import MANAGER, OVERSIGHT, SETTINGS, task_services
 from llmis.ops.auth import WS_PROTOCOL
 from llmis.ops.families import error_for
-from llmis.ops.logs import finish_request
 from llmis.ops.policy import Guard
 from llmis.ops.ratelimit import RateLimitError
 from llmis.ops.request_context import (

@@ -15,6 +15,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -55,6 +56,17 @@ class Hit:
     rank: int
     score: float
     row: IndexRow
+
+    def as_dict(self) -> dict[str, Any]:
+        """The hit as /v1/search and the answer preset show it."""
+        row = self.row
+        return {
+            "rank": self.rank,
+            "score": self.score,
+            "id": row.id,
+            "text": row.text,
+            "fields": row.fields,
+        }
 
 
 def top_k(index: Index, query: NDArray[np.float32], k: int) -> list[Hit]:

@@ -23,17 +23,14 @@ from typing import Any
 import psutil
 
 from llmis.config import ModelSettings, Settings
-from llmis.engine.llama import Engine
 from llmis.engine.scheduler import Scheduler
 from llmis.errors import (
     APIError,
     BadRequestError,
-    ModelFileError,
     ModelNotFoundError,
     ModelUnavailableError,
 )
 from llmis.models.budget import (
-    fitting_context,
     predict_memory,
     process_rss,
     release_free_heap,
@@ -41,22 +38,22 @@ from llmis.models.budget import (
 )
 from llmis.models.catalog import Catalog
 from llmis.models.entry import ModelEntry, ModelState
-from llmis.models.files import resolve_resource, safe_model_path
-from llmis.models.gguf import GGUFInfo, GGUFInfoCache
+from llmis.models.files import safe_model_path
+from llmis.models.gguf import GGUFInfoCache
+from llmis.models.loading import (
+    default_threads,
+    effective_settings,
+    insufficient_memory,
+    load_scheduler,
+    mib,
+    model_file,
+)
 
-__all__ = ["ModelManager", "default_threads"]
+__all__ = ["ModelManager"]
 
 logger = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-
-
-def default_threads() -> int:
-    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
-
-
-def _mib(n: int) -> str:
-    return f"{n / MiB:.0f} MiB"
 
 
 class ModelManager:
@@ -110,10 +107,10 @@ class ModelManager:
         ]
         for entry in todo:
             try:
-                path = await loop.run_in_executor(None, self.resolve_path, entry.settings)
+                path = await loop.run_in_executor(None, model_file, entry.settings, self.models_dir)
                 entry.info = await loop.run_in_executor(None, self._infos.get, path)
                 entry.path = path
-                self._effective_settings(entry, entry.info, log=False)
+                effective_settings(entry, entry.info, self.budget, log=False)
             except APIError as exc:
                 entry.error = exc.message
 
@@ -220,17 +217,18 @@ class ModelManager:
         loop = asyncio.get_running_loop()
         async with self._load_lock:
             try:
-                path = await loop.run_in_executor(None, self.resolve_path, entry.settings)
+                path = await loop.run_in_executor(None, model_file, entry.settings, self.models_dir)
                 info = await loop.run_in_executor(None, self._infos.get, path)
                 entry.path, entry.info = path, info
-                model = self._effective_settings(entry, info)
+                model = effective_settings(entry, info, self.budget)
                 prediction = predict_memory(info, model.n_ctx, model.n_batch, model.n_slots)
                 entry.predicted_bytes = prediction.total
                 await self._make_room(entry, entry.measured_bytes or prediction.total, evict)
                 started = time.monotonic()
                 release_free_heap()
                 before = process_rss()
-                worker = await loop.run_in_executor(None, self._load_blocking, model, path)
+                threads = model.threads or self.settings.server.threads or default_threads()
+                worker = await loop.run_in_executor(None, load_scheduler, model, path, threads)
                 entry.measured_bytes = max(process_rss() - before, 0)
                 entry.load_seconds = time.monotonic() - started
             except Exception as exc:
@@ -251,39 +249,10 @@ class ModelManager:
             entry.name,
             path,
             entry.load_seconds,
-            _mib(prediction.total),
-            _mib(entry.measured_bytes),
+            mib(prediction.total),
+            mib(entry.measured_bytes),
         )
         return worker
-
-    def _effective_settings(
-        self, entry: ModelEntry, info: GGUFInfo, *, log: bool = True
-    ) -> ModelSettings:
-        """The settings a load uses. A file dropped in the models dir names no context: it
-        gets its trained context, halved while it would not fit the RAM budget (logged)."""
-        model = entry.settings
-        if entry.source != "models_dir" or "n_ctx" in model.model_fields_set:
-            entry.n_ctx = model.n_ctx
-            return model
-        n_ctx, trained = fitting_context(info, model.n_batch, model.n_slots, self.budget)
-        entry.n_ctx = n_ctx
-        if log:
-            why = (
-                "its trained context"
-                if n_ctx == trained
-                else f"its trained context {trained} halved to fit the RAM budget "
-                f"({_mib(self.budget)}, {model.n_slots} slots)"
-                if trained
-                else "its GGUF names no trained context"
-            )
-            logger.info(
-                "model %s (dropped in the models dir) gets n_ctx %d: %s; give it a "
-                "[[models]] entry with n_ctx to choose another",
-                entry.name,
-                n_ctx,
-                why,
-            )
-        return model.model_copy(update={"n_ctx": n_ctx})
 
     # ----- memory -----
 
@@ -320,42 +289,18 @@ class ModelManager:
                 continue
             victim = self._victim(entry) if evict else None
             if victim is None:
-                raise self._no_room(entry, need, used, available, evict)
+                raise insufficient_memory(
+                    entry, self.catalog.entries(), need, used, available, self.budget, evict
+                )
             logger.info(
                 "evicting %s (%s, last used %.0fs ago) to load %s",
                 victim.name,
-                _mib(victim.ram_bytes),
+                mib(victim.ram_bytes),
                 time.time() - (victim.last_used or 0.0),
                 entry.name,
             )
             self.evictions[victim.name] = self.evictions.get(victim.name, 0) + 1
             await self._begin_unload(victim)
-
-    def _no_room(
-        self, entry: ModelEntry, need: int, used: int, available: int, evict: bool
-    ) -> APIError:
-        kind = "measured" if entry.measured_bytes else "predicted"
-        held = [
-            f"{e.name} ({_mib(e.ram_bytes)}, {'pinned' if e.pinned else 'busy'})"
-            for e in self.catalog.by_name.values()
-            if e is not entry and e.state is ModelState.LOADED
-        ]
-        if need > available:
-            why = f"only {_mib(available)} of system memory is available"
-        elif need > self.budget:
-            why = "the model alone is larger than the budget"
-        elif not evict:
-            why = f"{_mib(used)} is held by models loaded before it (startup loads never evict)"
-        else:
-            why = f"{_mib(used)} is held by models that cannot be evicted now: " + ", ".join(held)
-        return ModelUnavailableError(
-            f"Not enough memory to load model '{entry.name}': it needs {_mib(need)} ({kind}) "
-            f"and the RAM budget is {_mib(self.budget)}; {why}. Retry later, unload a model "
-            "(POST /admin/models/unload) or raise [server] ram_budget.",
-            param="model",
-            code="insufficient_memory",
-            headers={"Retry-After": "5"},
-        )
 
     # ----- unloading -----
 
@@ -481,7 +426,9 @@ class ModelManager:
         if entry is not None and current is None:
             loop = asyncio.get_running_loop()
             with contextlib.suppress(APIError):
-                current = await loop.run_in_executor(None, self.resolve_path, entry.settings)
+                current = await loop.run_in_executor(
+                    None, model_file, entry.settings, self.models_dir
+                )
         if current == resolved:
             return
         what = "a model" if entry is not None else "an alias"
@@ -568,34 +515,3 @@ class ModelManager:
 
     async def _retire(self, entry: ModelEntry) -> None:
         await asyncio.shield(self._begin_unload(entry))
-
-    # ----- blocking work (executor threads) -----
-
-    def resolve_path(self, model: ModelSettings) -> Path:
-        if model.resource is not None:
-            return resolve_resource(model.resource, self.models_dir)
-        if model.path is None:
-            raise ModelFileError(f"model '{model.name}' names no file")
-        return safe_model_path(model.path, self.models_dir)
-
-    def _load_blocking(self, model: ModelSettings, path: Path) -> Scheduler:
-        threads = model.threads or self.settings.server.threads or default_threads()
-        engine = Engine(
-            path,
-            n_ctx=model.n_ctx,
-            n_batch=model.n_batch,
-            n_gpu_layers=model.n_gpu_layers,
-            threads=threads,
-            chat_format=model.chat_format,
-            embedding=model.embedding,
-            flash_attn=model.flash_attn,
-        )
-        return self._make_worker(model, engine)
-
-    def _make_worker(self, model: ModelSettings, engine: Engine) -> Scheduler:
-        """The one place a model's scheduler is built."""
-        try:
-            return Scheduler(model.name, engine, model.queue_size, model.n_slots)
-        except BaseException:
-            engine.close()
-            raise

@@ -1,8 +1,9 @@
 """What the server knows about the request being handled, visible to everything it calls.
 
-The request middleware of :mod:`llmis.ops.logs` opens a :class:`RequestContext` per request and
-sets it in a context variable, so that log lines, error bodies, the serving layer and the
-access log all see the same request id and counters without passing them around.
+The request middleware of :mod:`llmis.ops.access_log` opens a :class:`RequestContext` per
+request and sets it in a context variable, so that log lines, error bodies and the access log
+all see the same request id and counters without passing them around. The serving layer does
+not read it: a generation's policy (:class:`llmis.ops.policy.Guard`) is passed explicitly.
 """
 
 from __future__ import annotations

@@ -18,11 +18,11 @@ from aiohttp.typedefs import Middleware
 
 from llmis.config import Settings
 from llmis.models.manager import ModelManager
+from llmis.ops.access_log import echo_request_id, request_middleware
 from llmis.ops.app_keys import OVERSIGHT
 from llmis.ops.auth import KEYRING, KeyRing, auth_middleware
 from llmis.ops.contentfilter import ContentFilter
 from llmis.ops.cors import Cors
-from llmis.ops.logs import echo_request_id, request_middleware
 from llmis.ops.metrics import Metrics
 from llmis.ops.origin import OriginPolicy
 from llmis.ops.policy import Oversight

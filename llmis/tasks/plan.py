@@ -342,16 +342,7 @@ async def _answer(
         raise BadRequestError(f"the index '{name}' has no rows", param="index")
     ids = [hit.row.id for hit in hits]
     plan.fields["index"] = name
-    plan.fields["retrieved"] = [
-        {
-            "rank": hit.rank,
-            "score": hit.score,
-            "id": hit.row.id,
-            "text": hit.row.text,
-            "fields": hit.row.fields,
-        }
-        for hit in hits
-    ]
+    plan.fields["retrieved"] = [hit.as_dict() for hit in hits]
     cite = " | ".join(_gbnf_literal(f"[{i}]") for i in ids)
     data["_grammar"] = f'root ::= cite cite? cite? " " text\ncite ::= {cite}\ntext ::= [^\\x00]*\n'
     data["response_format"] = None
