@@ -180,3 +180,55 @@ async def test_coalesce_counts_tokens_not_deltas() -> None:
     ]
     same = [e async for e in coalesce(events_of(source), Pacing())]
     assert same == source  # the defaults change nothing
+
+
+async def test_ollama_and_anthropic_streams_chunk_too(stream_server: RunningServer) -> None:
+    """The same grouping on Ollama's NDJSON lines and Anthropic's text deltas: the config's
+    default through the official clients, ``stream_options`` per request on the wire."""
+    import anthropic
+    import ollama
+
+    singles = await one_token_events(stream_server)
+    groups3 = ["".join(singles[i : i + 3]) for i in range(0, N, 3)]
+    groups4 = ["".join(singles[0:4]), "".join(singles[4:8]), "".join(singles[8:])]
+    messages = body()["messages"]
+    client = ollama.AsyncClient(host=stream_server.url)
+    options = {"temperature": 0, "num_predict": N}
+    parts = [
+        part.message.content
+        async for part in await client.chat("smollm2", messages, stream=True, options=options)
+        if not part.done and part.message.content
+    ]
+    # logit_bias is not an Ollama option: the reply may end early, on the same greedy tokens
+    assert (
+        parts == groups3[: len(parts)] and "".join(parts) == "".join(singles)[: len("".join(parts))]
+    )
+    lines: list[dict[str, Any]] = []
+    wire = {
+        "model": "smollm2",
+        "messages": messages,
+        "options": options,
+        "stream_options": {"chunk_tokens": 4},
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{stream_server.url}/api/chat", json=wire) as resp,
+    ):
+        assert resp.status == 200
+        async for line in resp.content:
+            lines.append(json.loads(line))
+    texts = [x["message"]["content"] for x in lines if not x["done"] and x["message"]["content"]]
+    assert texts == groups4[: len(texts)] and lines[-1]["done"]
+
+    claude = anthropic.AsyncAnthropic(base_url=stream_server.url, api_key="unused")
+    deltas: list[str] = []
+    async with claude.messages.stream(
+        model="smollm2",
+        max_tokens=N,
+        messages=messages,
+        extra_body={"temperature": 0, "stream_options": {"chunk_tokens": 4}},
+    ) as stream:
+        async for event in stream:
+            if event.type == "content_block_delta" and event.delta.type == "text_delta":
+                deltas.append(event.delta.text)
+    assert deltas == groups4[: len(deltas)] and deltas

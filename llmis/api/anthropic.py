@@ -26,6 +26,7 @@ from llmis.api.sse import EventStream
 from llmis.engine.jobs import Delta, Failed, Finished
 from llmis.ops.app_keys import MANAGER, SETTINGS, task_services
 from llmis.ops.families import error_for
+from llmis.serving.chunking import Pacing, coalesce, pacing
 from llmis.serving.formats import compile_grammar
 from llmis.serving.generation import Generation, count_chat_tokens, start_chat
 from llmis.serving.toolcalls import ContentPiece, OutputParser, Piece
@@ -108,7 +109,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
     id_ = f"msg_{uuid.uuid4().hex[:24]}"
     try:
         if req.stream:
-            return await _stream(request, req, generation, id_, plan)
+            pace = pacing(request.app[SETTINGS].streaming, chat.stream_options)
+            return await _stream(request, req, generation, id_, pace, plan)
         result = await generation.collect(generation.jobs[0])
         done = Finished(
             result.finish_reason,
@@ -143,6 +145,7 @@ async def _stream(
     req: MessagesRequest,
     generation: Generation,
     id_: str,
+    pace: Pacing,
     plan: TaskPlan | None = None,
 ) -> web.StreamResponse:
     """``plan``: a preset's task; what it knows before generating goes in
@@ -162,7 +165,7 @@ async def _stream(
         await blocks.begin()
         await sse.send_event("ping", {"type": "ping"})
         parser = generation.parser()
-        async for event in generation.events(job, server.keepalive_seconds):
+        async for event in coalesce(generation.events(job, server.keepalive_seconds), pace):
             if event is None:
                 await sse.send_event("ping", {"type": "ping"})
             elif isinstance(event, Delta):

@@ -19,7 +19,13 @@ from pydantic import Field, field_validator
 
 from llmis.api.translate import validate_as
 from llmis.errors import BadRequestError
-from llmis.serving.protocol import MAX_TOKENS, ChatCompletionRequest, ChatMessage, LenientModel
+from llmis.serving.protocol import (
+    MAX_TOKENS,
+    ChatCompletionRequest,
+    ChatMessage,
+    LenientModel,
+    StreamOptions,
+)
 
 __all__ = ["CountTokensRequest", "MessagesRequest", "TextBlock", "ToolResultBlock", "ToolUseBlock"]
 
@@ -195,6 +201,8 @@ class MessagesRequest(_Conversation):
     stop_sequences: list[str] | None = None
     stream: bool = False
     metadata: dict[str, Any] | None = None
+    # llmis: tokens per text delta and pacing, as OpenAI's stream_options (llmis.serving.chunking)
+    stream_options: StreamOptions | None = None
 
     def to_openai(self) -> ChatCompletionRequest:
         return validate_as(ChatCompletionRequest, self.chat_body(), {"stop": "stop_sequences"})
@@ -211,6 +219,8 @@ class MessagesRequest(_Conversation):
                 body[name] = getattr(self, name)
         if self.stop_sequences:
             body["stop"] = self.stop_sequences
+        if self.stream_options is not None:
+            body["stream_options"] = self.stream_options.model_dump(exclude_none=True)
         if self.tools:
             body["tools"] = [tool.openai() for tool in self.tools]
         if self.tool_choice is not None and (self.tools or self.tool_choice.type == "none"):

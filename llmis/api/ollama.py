@@ -41,6 +41,7 @@ from llmis.models.manager import ModelManager
 from llmis.ops.app_keys import MANAGER, PRESETS, SETTINGS, task_services
 from llmis.ops.families import error_for
 from llmis.serving import embeddings as embedding
+from llmis.serving.chunking import Pacing, coalesce, pacing
 from llmis.serving.embeddings import Embeddings, lease_embedder, truncate_dimensions
 from llmis.serving.formats import compile_grammar
 from llmis.serving.generation import Generation, start_chat, start_completion
@@ -207,7 +208,8 @@ async def _generate(
     clock = _Clock(started)
     try:
         if stream:
-            return await _stream(request, generation, is_chat, clock, plan)
+            pace = pacing(request.app[SETTINGS].streaming, req.stream_options)
+            return await _stream(request, generation, is_chat, clock, pace, plan)
         parser = generation.parser()
         parts: list[str] = []
         async for event in generation.events(generation.jobs[0]):
@@ -270,6 +272,7 @@ async def _stream(
     generation: Generation,
     is_chat: bool,
     clock: _Clock,
+    pace: Pacing,
     plan: TaskPlan | None = None,
 ) -> web.StreamResponse:
     out = NdjsonStream(request)
@@ -277,7 +280,7 @@ async def _stream(
     try:
         await out.prepare()
         parser = generation.parser()
-        async for event in generation.events(generation.jobs[0]):
+        async for event in coalesce(generation.events(generation.jobs[0]), pace):
             if isinstance(event, Delta):
                 clock.tick()
                 parts.append(event.text)

@@ -22,7 +22,12 @@ from pydantic import AfterValidator, Field, field_validator
 
 from llmis.api.translate import validate_as
 from llmis.errors import BadRequestError
-from llmis.serving.protocol import ChatCompletionRequest, CompletionRequest, LenientModel
+from llmis.serving.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    LenientModel,
+    StreamOptions,
+)
 from llmis.tasks.plan import TASK_FIELDS
 
 __all__ = [
@@ -157,6 +162,8 @@ class _Generating(LenientModel):
     format: Format = None
     keep_alive: float | str | None = None
     think: bool | str | None = None
+    # llmis: tokens per NDJSON line and pacing, as OpenAI's stream_options (llmis.serving.chunking)
+    stream_options: StreamOptions | None = None
 
     @field_validator("think")
     @classmethod
@@ -168,6 +175,8 @@ class _Generating(LenientModel):
     def _openai_fields(self) -> dict[str, Any]:
         fields = self.options.sampling_fields() if self.options is not None else {}
         fields["model"] = self.model
+        if self.stream_options is not None:
+            fields["stream_options"] = self.stream_options.model_dump(exclude_none=True)
         response_format = _format_field(self.format)
         if response_format is not None:
             fields["response_format"] = response_format
