@@ -25,7 +25,7 @@ from llmis.api.ollama_protocol import (
     OllamaPullRequest,
     OllamaShowRequest,
 )
-from llmis.api.responses import ResponsesRequest
+from llmis.api.responses_protocol import ResponsesRequest
 from llmis.api.search import SearchRequest
 from llmis.api.simple import InferBody, LoadModelBody
 from llmis.serving.protocol import ChatCompletionRequest, CompletionRequest
