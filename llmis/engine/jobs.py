@@ -33,6 +33,7 @@ __all__ = [
     "Notify",
     "SlotStats",
     "Started",
+    "deliver",
     "notify",
     "settle_future",
 ]
@@ -178,3 +179,21 @@ class CallJob:
     def settle(self, result: Any = None, error: BaseException | None = None) -> None:
         """Thread-safe: complete the future on the job's event loop."""
         settle_future(self.loop, self.future, result, error)
+
+
+def deliver(outbox: list[tuple[Job, JobEvent]]) -> None:
+    """Hand one step's events to their event loops: one wake-up per loop, not one per token."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, JobEvent]]] = {}
+    for job, event in outbox:
+        by_loop.setdefault(job.loop, []).append((job, event))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            for job, _ in items:
+                job.cancel.set()
+
+
+def _put_all(items: list[tuple[Job, JobEvent]]) -> None:
+    for job, event in items:
+        job.events.put_nowait(event)

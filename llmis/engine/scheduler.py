@@ -39,7 +39,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import llama_cpp
@@ -55,12 +54,14 @@ from llmis.engine.jobs import (
     JobEvent,
     SlotStats,
     Started,
+    deliver,
     notify,
 )
 from llmis.engine.llama import Engine, GenerationContext
-from llmis.engine.logprobs import TokenLogprob, token_logprob
+from llmis.engine.logprobs import token_logprob
 from llmis.engine.model_thread import ModelThread, unloading_error
 from llmis.engine.sampling import Sampler, TextStream
+from llmis.engine.slots import Slot, common_prefix
 from llmis.errors import APIError, QueueFullError
 
 __all__ = ["Scheduler"]
@@ -68,57 +69,6 @@ __all__ = ["Scheduler"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-@dataclass(eq=False)
-class _Slot:
-    seq_id: int
-    tokens: list[int] = field(default_factory=list)  # tokens whose KV the sequence holds
-    canonical: int = 0  # tokens[:canonical] were evaluated in whole aligned prompt chunks
-    job: Job | None = None
-    sampler: Sampler | None = None
-    out: TextStream | None = None
-    pending: list[int] = field(default_factory=list)  # prompt tokens still to evaluate
-    next_token: int | None = None  # sampled, to be decoded in the next step
-    logits_at: int = -1  # batch index of this sequence's logits after a decode
-    cached: int = 0  # prompt tokens reused from the slot's previous sequence
-    last_used: int = 0
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent in a Delta
-    # the logits after the last prompt token of the slot's previous job: a request for the
-    # same prompt samples from them without a decode (``prompt_canonical``: that prompt was
-    # evaluated in aligned chunks, as a fresh context evaluates it, so seeds may use them)
-    prompt_logits: np.ndarray[Any, Any] | None = None
-    prompt_len: int = 0
-    prompt_canonical: bool = False
-    evaluating_canonically: bool = False  # this job's prompt is being evaluated canonically
-    from_logits: bool = False  # this job samples its first token from ``prompt_logits``
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _deliver(outbox: list[tuple[Job, JobEvent]]) -> None:
-    """Hand one step's events to their event loops: one wake-up per loop, not one per token."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, JobEvent]]] = {}
-    for job, event in outbox:
-        by_loop.setdefault(job.loop, []).append((job, event))
-    for loop, items in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_put_all, items)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            for job, _ in items:
-                job.cancel.set()
-
-
-def _put_all(items: list[tuple[Job, JobEvent]]) -> None:
-    for job, event in items:
-        job.events.put_nowait(event)
 
 
 class Scheduler(ModelThread[Job | CallJob]):
@@ -133,7 +83,7 @@ class Scheduler(ModelThread[Job | CallJob]):
         self.cached_tokens_total = 0
         self._calls_running = 0
         self._uses = 0
-        self._slots = [_Slot(i) for i in range(self.slots)]
+        self._slots = [Slot(i) for i in range(self.slots)]
         self._gen: GenerationContext | None = None
         self._batch: Any = None  # a llama_batch of n_batch tokens
         self.kv_bytes = 0
@@ -313,15 +263,15 @@ class Scheduler(ModelThread[Job | CallJob]):
                     self._release(slot, forget=True)
             if self._active():
                 self._step(outbox)
-            _deliver(outbox)
+            deliver(outbox)
 
     def _active(self) -> bool:
         return any(s.job is not None for s in self._slots)
 
-    def _admit(self) -> tuple[list[CallJob], list[_Slot]]:
+    def _admit(self) -> tuple[list[CallJob], list[Slot]]:
         """Under the lock: take calls and jobs off the front of the queue while slots are free."""
         calls: list[CallJob] = []
-        admitted: list[_Slot] = []
+        admitted: list[Slot] = []
         while self._queue:
             job = self._queue[0]
             if isinstance(job, CallJob):
@@ -337,7 +287,7 @@ class Scheduler(ModelThread[Job | CallJob]):
                 break
             self._queue.popleft()
             prompt = job.prompt
-            slot = max(free, key=lambda s: (_common_prefix(s.tokens, prompt), -s.last_used))
+            slot = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
             slot.job = job
             admitted.append(slot)
         return calls, admitted
@@ -352,28 +302,7 @@ class Scheduler(ModelThread[Job | CallJob]):
                 logger.exception("call failed in model %s", self.name)
             job.settle(error=exc)
 
-    def _reuse(self, slot: _Slot, prompt: Sequence[int], seeded: bool) -> int:
-        """How many of ``prompt``'s tokens to take from the slot's KV cache.
-
-        All of them when the slot saved the logits after exactly this prompt (for a seeded
-        request, only logits of a canonical evaluation); otherwise at least the last token
-        is evaluated again, to get its logits.
-        """
-        shared = _common_prefix(slot.tokens, prompt)
-        if (
-            shared == len(prompt) == slot.prompt_len
-            and slot.prompt_logits is not None
-            and (slot.prompt_canonical or not seeded)
-        ):
-            return shared
-        shared = min(shared, len(prompt) - 1)
-        if not seeded:
-            return shared
-        # only whole aligned chunks, themselves evaluated as aligned chunks: the same KV a
-        # fresh evaluation makes, so a seed gives the same output with or without the cache
-        return min(shared // self.chunk * self.chunk, slot.canonical)
-
-    def _start(self, slot: _Slot, outbox: list[tuple[Job, JobEvent]]) -> None:
+    def _start(self, slot: Slot, outbox: list[tuple[Job, JobEvent]]) -> None:
         job = slot.job
         assert job is not None and self._gen is not None
         if job.cancel.is_set():
@@ -381,7 +310,7 @@ class Scheduler(ModelThread[Job | CallJob]):
             return
         try:
             prompt = list(job.prompt)
-            keep = self._reuse(slot, prompt, job.params.seed is not None)
+            keep = slot.reusable(prompt, job.params.seed is not None, self.chunk)
             mem = llama_cpp.llama_get_memory(self._gen.ctx)
             if keep < len(slot.tokens) and not llama_cpp.llama_memory_seq_rm(
                 mem, slot.seq_id, keep, -1
@@ -411,7 +340,7 @@ class Scheduler(ModelThread[Job | CallJob]):
 
     def _fail_slot(
         self,
-        slot: _Slot,
+        slot: Slot,
         job: Job,
         exc: Exception,
         what: str,
@@ -423,7 +352,7 @@ class Scheduler(ModelThread[Job | CallJob]):
         outbox.append((job, Failed(_as_api_error(exc))))
         self._release(slot, forget=True)
 
-    def _release(self, slot: _Slot, forget: bool = False) -> None:
+    def _release(self, slot: Slot, forget: bool = False) -> None:
         """End the slot's job; ``forget`` also drops its KV cells (a cancelled or failed job)."""
         if forget and self._gen is not None:
             mem = llama_cpp.llama_get_memory(self._gen.ctx)
@@ -443,7 +372,7 @@ class Scheduler(ModelThread[Job | CallJob]):
         with self._cond:
             slot.job = None
 
-    def _save_prompt_logits(self, slot: _Slot, ctx: llama_cpp.llama_context_p) -> None:
+    def _save_prompt_logits(self, slot: Slot, ctx: llama_cpp.llama_context_p) -> None:
         """Keep the logits after the prompt, for the next request with the same prompt."""
         n_vocab = self.engine.n_vocab
         if slot.prompt_logits is None or slot.prompt_logits.shape != (n_vocab,):
@@ -495,7 +424,7 @@ class Scheduler(ModelThread[Job | CallJob]):
     def _clear(self) -> None:
         self._batch.n_tokens = 0
 
-    def _add(self, slot: _Slot, token: int, logits: bool) -> None:
+    def _add(self, slot: Slot, token: int, logits: bool) -> None:
         batch = self._batch
         n = batch.n_tokens
         batch.token[n] = token
@@ -508,7 +437,7 @@ class Scheduler(ModelThread[Job | CallJob]):
             slot.logits_at = n
         batch.n_tokens = n + 1
 
-    def _decode(self, slots: list[_Slot], outbox: list[tuple[Job, JobEvent]]) -> bool:
+    def _decode(self, slots: list[Slot], outbox: list[tuple[Job, JobEvent]]) -> bool:
         """Decode the batch; on failure fail the sequences in it (the others go on)."""
         assert self._gen is not None
         status = llama_cpp.llama_decode(self._gen.ctx, self._batch)
@@ -522,7 +451,7 @@ class Scheduler(ModelThread[Job | CallJob]):
                 self._release(slot, forget=True)
         return False
 
-    def _sample(self, slot: _Slot, outbox: list[tuple[Job, JobEvent]]) -> None:
+    def _sample(self, slot: Slot, outbox: list[tuple[Job, JobEvent]]) -> None:
         """Sample the slot's next token from the last decode (or its saved prompt logits)."""
         job, sampler, out, gen = slot.job, slot.sampler, slot.out, self._gen
         assert job is not None and sampler is not None and out is not None and gen is not None
