@@ -387,6 +387,10 @@ def order(servers: list[Server], round_: int) -> Iterator[Server]:
 async def bench_model(
     servers: list[Server], bias: dict[str, float], args: argparse.Namespace
 ) -> None:
+    # one short request each first: otherwise whichever server runs first pays its cold start
+    # (page faults of the weights, first graph) in the first measured round
+    for server in servers:
+        await run_round(server, 1, bias, 8, False)
     for seeded in args.seeded:
         for clients in args.clients:
             results: dict[str, list[Round]] = {s.name: [] for s in servers}
