@@ -12,6 +12,11 @@ round (A B C, C B A, ...) because the machine is noisy, and prints per server: a
 tokens/s (median of rounds), TTFT p50/p95, inter-token p50, broken streams, RSS, and the
 ratios llmis / llama-server. A stream is broken when it errors, ends without ``[DONE]`` or
 a finish reason, or brings fewer tokens than asked.
+
+``--llmis-env K=V[,K=V]`` (repeatable) starts one more llmis per value, with that environment
+(e.g. ``GOMP_SPINCOUNT=300000``, libgomp's own default, against llmis's thread-wait default;
+see ``llmis/__init__.py``); llama-server and llama-cpp-python always run with libgomp's
+defaults (:data:`OMP_KEYS` removed from their environment).
 """
 
 from __future__ import annotations
@@ -39,12 +44,14 @@ import aiohttp
 import llama_cpp
 import psutil
 
+from llmis import OMP_DEFAULTS
 from llmis.models.files import resolve_resource
 from tests.conftest import GEMMA_RESOURCE, SMOLLM_RESOURCE, free_port, launch
 
 LLAMA_VERSION = "0.3.36"
 AMX_OFF = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 CACHE = Path(os.environ.get("LLMIS_CACHE", Path.home() / ".cache" / "llmis")) / "llama-server"
+OMP_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # how llama.cpp's OpenMP threads wait
 MODELS = {"smollm2": (SMOLLM_RESOURCE, None), "gemma": (GEMMA_RESOURCE, "gemma")}
 QUESTIONS = [
     "Tell me a long story about a lighthouse keeper and the sea, in many chapters.",
@@ -165,7 +172,25 @@ def _wait_http(url: str, popen: subprocess.Popen[bytes], log: Path, timeout: flo
     raise RuntimeError(f"{url} did not come up:\n{log.read_text()[-3000:]}")
 
 
-def start_llmis(workdir: Path, model: str, args: argparse.Namespace) -> Server:
+def parse_env(spec: str) -> dict[str, str]:
+    """``"K=V,K=V"`` -> a dict (``""``: none)."""
+    return dict(kv.split("=", 1) for kv in spec.split(",") if kv)
+
+
+def clear_omp_env() -> str:
+    """Drop :data:`OMP_KEYS` from this process's environment (the servers inherit it; ``import
+    llmis`` sets one) and describe what each server gets."""
+    for key in OMP_KEYS:
+        os.environ.pop(key, None)
+    ours = ",".join(f"{k}={v}" for k, v in OMP_DEFAULTS.items())
+    return f"OpenMP wait: llmis {ours} (its default), llama.cpp's servers libgomp's default"
+
+
+def llmis_name(spec: str) -> str:
+    return f"llmis[{spec}]" if spec else "llmis"
+
+
+def start_llmis(workdir: Path, model: str, args: argparse.Namespace, env_spec: str = "") -> Server:
     resource, chat_format = MODELS[model]
     fmt = f'chat_format = "{chat_format}"' if chat_format else ""
     config = f"""
@@ -182,8 +207,10 @@ queue_size = 64
 flash_attn = "{args.flash_attn}"
 {fmt}
 """
-    running = launch(config, workdir / f"llmis-{model}")
-    return Server("llmis", running.url, model, psutil.Process(running.process.pid), running.process)
+    name = llmis_name(env_spec)
+    tag = "".join(c if c.isalnum() else "-" for c in name)
+    running = launch(config, workdir / f"{tag}-{model}", env=parse_env(env_spec))
+    return Server(name, running.url, model, psutil.Process(running.process.pid), running.process)
 
 
 def start_llama_server(binary: Path, workdir: Path, model: str, args: argparse.Namespace) -> Server:
@@ -360,6 +387,10 @@ def order(servers: list[Server], round_: int) -> Iterator[Server]:
 async def bench_model(
     servers: list[Server], bias: dict[str, float], args: argparse.Namespace
 ) -> None:
+    # one short request each first: otherwise whichever server runs first pays its cold start
+    # (page faults of the weights, first graph) in the first measured round
+    for server in servers:
+        await run_round(server, 1, bias, 8, False)
     for seeded in args.seeded:
         for clients in args.clients:
             results: dict[str, list[Round]] = {s.name: [] for s in servers}
@@ -431,11 +462,13 @@ async def long_prompt(
 def ratios(rows: dict[str, dict[str, float]], keys: list[str]) -> None:
     if "llama-server" not in rows:
         return
-    ours, theirs = rows["llmis"], rows["llama-server"]
-    print(
-        "  llmis / llama-server: "
-        + ", ".join(f"{k} {ours[k] / theirs[k]:.2f}x" for k in keys if theirs.get(k))
-    )
+    theirs = rows["llama-server"]
+    for name, ours in rows.items():
+        if name.startswith("llmis"):
+            print(
+                f"  {name} / llama-server: "
+                + ", ".join(f"{k} {ours[k] / theirs[k]:.2f}x" for k in keys if theirs.get(k))
+            )
 
 
 async def one_user(
@@ -503,6 +536,13 @@ def main() -> None:
     parser.add_argument("--turn-tokens", type=int, default=48)
     parser.add_argument("--no-llama-cpp-python", action="store_true")
     parser.add_argument("--no-llama-server", action="store_true", help="skip building/running it")
+    parser.add_argument(
+        "--llmis-env",
+        action="append",
+        default=[],
+        metavar="K=V[,K=V]",
+        help="also run an llmis with this environment (repeatable), e.g. GOMP_SPINCOUNT=300000",
+    )
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     args.seeded = [s == "yes" for s in args.seeded.split(",")]
@@ -512,7 +552,8 @@ def main() -> None:
         print("llama-cpp-python's server skipped (pip install -e '.[bench]' to include it)")
     print(
         f"threads={args.threads} slots={args.slots} (llama-server -np {args.slots}) "
-        f"ctx/slot={args.ctx} flash_attn={args.flash_attn}\n"
+        f"ctx/slot={args.ctx} flash_attn={args.flash_attn}\n{clear_omp_env()}\n"
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
         "the machine is shared: compare only side-by-side ratios"
     )
     with tempfile.TemporaryDirectory(prefix="llmis-bench-") as tmp:
@@ -521,13 +562,15 @@ def main() -> None:
             bias = eog_bias(resolve_resource(MODELS[model][0], workdir))
             servers: list[Server] = []
             try:
-                servers.append(start_llmis(workdir, model, args))
+                for spec in ["", *args.llmis_env]:
+                    servers.append(start_llmis(workdir, model, args, spec))
                 if binary is not None:
                     servers.append(start_llama_server(binary, workdir, model, args))
                 if with_lcp:
                     servers.append(start_llama_cpp_python(workdir, model, args))
                 print(f"\n== {model}")
                 asyncio.run(bench_model(servers, bias, args))
+                print(f"\n  load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
             finally:
                 for server in servers:
                     server.stop()

@@ -15,6 +15,9 @@
 3. Search: ``POST /v1/search`` p50 / p95 on a 10k-row index through the llmis server, beside a
    one-query /v1/embeddings p50 on both servers, and exact top-k in process.
 ``--sweep`` first times token budgets per decode in process (how BATCH_TOKENS was chosen).
+``--llmis-env K=V[,K=V]`` (repeatable) adds an llmis started with that environment (its ``llmis
+index`` too), e.g. ``GOMP_SPINCOUNT=300000`` (libgomp's default wait) against llmis's own
+default; llama-server runs with libgomp's defaults (see ``scripts/bench_batching.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import argparse
 import asyncio
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -41,7 +45,14 @@ from llmis.engine.llama import Engine
 from llmis.index.search import top_k
 from llmis.index.store import Index, IndexRow, Manifest, save_index
 from llmis.serving.embeddings import embed_in_process
-from scripts.bench_batching import Server, _wait_http, llama_server_binary
+from scripts.bench_batching import (
+    Server,
+    _wait_http,
+    clear_omp_env,
+    llama_server_binary,
+    llmis_name,
+    parse_env,
+)
 from scripts.convert_minilm import ensure_converted
 from tests.conftest import REPO, free_port, launch
 
@@ -133,11 +144,15 @@ def timed(fn: Callable[[], object], n: int) -> list[float]:
 # ----- the servers -----
 
 
-def start_llmis(workdir: Path, minilm: Path, threads: int) -> Server:
+def start_llmis(workdir: Path, minilm: Path, threads: int, env_spec: str = "") -> Server:
     config = llmis_config(minilm, threads)
-    running = launch(config, workdir)
+    running = launch(config, workdir, env=parse_env(env_spec))
     return Server(
-        "llmis", running.url, "minilm", psutil.Process(running.process.pid), running.process
+        llmis_name(env_spec),
+        running.url,
+        "minilm",
+        psutil.Process(running.process.pid),
+        running.process,
     )
 
 
@@ -216,7 +231,7 @@ async def index_like(
         return len(texts) / (time.perf_counter() - started)
 
 
-def llmis_index(workdir: Path, csv_path: Path, rows: int) -> float:
+def llmis_index(workdir: Path, csv_path: Path, rows: int, env: dict[str, str]) -> float:
     """``llmis index`` on the CSV (a fresh build each time); its own rows/s."""
     started = time.perf_counter()
     done = subprocess.run(
@@ -240,6 +255,7 @@ def llmis_index(workdir: Path, csv_path: Path, rows: int) -> float:
         text=True,
         check=True,
         cwd=workdir,
+        env={**os.environ, **env},
     )
     elapsed = time.perf_counter() - started
     print(f"      {done.stdout.strip()}  (wall {elapsed:.1f}s with start-up)", flush=True)
@@ -266,7 +282,15 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200, help="search requests to time")
     parser.add_argument("--sweep", action="store_true", help="time token budgets per decode")
     parser.add_argument("--no-llama-server", action="store_true", help="skip building/running it")
+    parser.add_argument(
+        "--llmis-env",
+        action="append",
+        default=[],
+        metavar="K=V[,K=V]",
+        help="also run an llmis with this environment (repeatable), e.g. GOMP_SPINCOUNT=300000",
+    )
     args = parser.parse_args()
+    print(clear_omp_env())
 
     minilm = ensure_converted(REPO / "models")
     _, topics, queries = load_eval()
@@ -295,11 +319,23 @@ def main() -> None:
             writer.writerow([i, text])
     index_texts = synthetic_sentences(args.index_rows)
 
-    servers = [start_llmis(workdir / "llmis", minilm, args.threads)]
+    specs = ["", *args.llmis_env]
+    llmis_dirs = {llmis_name(spec): workdir / f"llmis{i or ''}" for i, spec in enumerate(specs)}
+    llmis_envs = {llmis_name(spec): parse_env(spec) for spec in specs}
+    for name, path in llmis_dirs.items():
+        if name != "llmis":
+            save_index(path / "indexes", small.manifest, small.rows, small.vectors)
+    servers = [
+        start_llmis(llmis_dirs[llmis_name(spec)], minilm, args.threads, spec) for spec in specs
+    ]
     if not args.no_llama_server:
         servers.append(start_llama_server(llama_server_binary(), workdir, minilm, args.threads))
     results: dict[str, dict[str, list[float]]] = {s.name: {} for s in servers}
-    print(f"\nthroughput, {args.threads} threads, {args.rounds} interleaved rounds (rows/s)")
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(
+        f"\nthroughput, {args.threads} threads, {args.rounds} interleaved rounds (rows/s), "
+        f"load average {load}"
+    )
     try:
         for round_ in range(args.rounds):
             order = servers if round_ % 2 == 0 else servers[::-1]
@@ -319,29 +355,31 @@ def main() -> None:
             order = servers if round_ % 2 == 0 else servers[::-1]
             for server in order:
                 key = f"CSV {args.index_rows} rows"
-                if server.name == "llmis":
-                    rate = llmis_index(workdir / "llmis", csv_path, args.index_rows)
+                if server.name in llmis_dirs:
+                    rate = llmis_index(
+                        llmis_dirs[server.name], csv_path, args.index_rows, llmis_envs[server.name]
+                    )
                 else:
                     rate = asyncio.run(index_like(server, index_texts))
                 results[server.name].setdefault(key, []).append(rate)
                 print(f"  CSV round {round_ + 1} {server.name:12} {rate:6.1f} rows/s", flush=True)
         latency = {s.name: asyncio.run(single_query_ms(s, 50)) for s in servers}
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
         search_ms, floor_ms = search_latency(servers[0], args.queries)
     finally:
         for server in servers:
             server.stop()
 
-    print("\nmedians (rows/s)")
+    print(f"\nmedians (rows/s), load average at the end {load}")
     names = [s.name for s in servers]
-    print(
-        f"  {'measure':22}"
-        + "".join(f"{n:>14}" for n in names)
-        + ("   llmis / llama-server" if len(names) > 1 else "")
-    )
+    ours = [n for n in names if n in llmis_dirs]
+    theirs = "llama-server" if "llama-server" in names else None
     for key in results["llmis"]:
-        medians = [statistics.median(results[n][key]) for n in names]
-        ratio = f"   {medians[0] / medians[1]:.2f}x" if len(medians) > 1 else ""
-        print(f"  {key:22}" + "".join(f"{m:14.1f}" for m in medians) + ratio)
+        medians = {n: statistics.median(results[n][key]) for n in names}
+        print(f"  {key}")
+        for name, median in medians.items():
+            ratio = f"   {median / medians[theirs]:.2f}x llama-server" if theirs else ""
+            print(f"    {name:36}{median:8.1f}{ratio if name in ours else ''}")
 
     query = small.vectors[0]
     topk_10k = timed(lambda: top_k(small, query, 5), 200)
@@ -356,7 +394,7 @@ def main() -> None:
     )
     for name, values in latency.items():
         print(
-            f"  /v1/embeddings, one query ({name:12}): "
+            f"  /v1/embeddings, one query ({name}): "
             f"{percentile(values, 50):6.2f} / {percentile(values, 95):6.2f}"
         )
     print(

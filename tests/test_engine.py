@@ -5,6 +5,10 @@ Generation itself runs in the scheduler (tests/test_scheduler.py).
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -12,7 +16,7 @@ import pytest
 from llmis.engine.llama import Engine
 from llmis.engine.sampling import SamplingParams, TextStream, _stop_holdback
 from llmis.errors import APIError
-from tests.conftest import smollm_path
+from tests.conftest import REPO, smollm_path
 
 EOS = 2  # SmolLM2's <|im_end|>
 
@@ -59,3 +63,29 @@ def test_context_arithmetic(engine: Engine) -> None:
     assert engine.check_context(100, None, "prompt") == engine.n_ctx - 100
     with pytest.raises(Exception, match=r"512 tokens.*requested 612 tokens \(100 in the prompt"):
         engine.check_context(100, 512, "prompt")
+
+
+@pytest.mark.parametrize(
+    ("env", "spincount"),
+    [({}, "1000"), ({"GOMP_SPINCOUNT": "300000"}, "300000"), ({"OMP_WAIT_POLICY": "ACTIVE"}, None)],
+)
+def test_openmp_threads_spin_briefly_unless_the_environment_says(
+    env: dict[str, str], spincount: str | None
+) -> None:
+    """llmis makes llama.cpp's OpenMP threads spin briefly before they sleep
+    (``llmis/__init__.py``); a value of the user's own, either key, wins. Read back from
+    libgomp itself (OMP_DISPLAY_ENV)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    done = subprocess.run(
+        [sys.executable, "-c", "import llmis.engine.llama"],
+        env={**base, **env, "OMP_DISPLAY_ENV": "verbose", "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    reported = re.search(r"GOMP_SPINCOUNT = '(\d+)'", done.stderr)
+    assert reported is not None, done.stderr[-2000:]
+    if spincount is None:  # ACTIVE: libgomp's long spin, not llmis's
+        assert int(reported.group(1)) > 300000
+    else:
+        assert reported.group(1) == spincount
