@@ -15,7 +15,8 @@ __version__ = "0.1.0"
 # tick, and one decode takes a second or more instead of milliseconds. Sleeping at once
 # (OMP_WAIT_POLICY=PASSIVE) avoids that but costs a futex wake-up per barrier: generation
 # ~2x slower on free cores. 1,000 rounds (~20 us) was as fast as the default on free cores
-# and kept most of PASSIVE's gain on busy ones (measured: /work/notes/perf.md). libgomp
+# and kept most of PASSIVE's gain on busy ones (measured side by side with
+# `python -m scripts.bench_batching --llmis-env GOMP_SPINCOUNT=300000`). libgomp
 # reads this once, when llama_cpp loads it, so it is set here, before any llmis module
 # imports llama_cpp; OMP_WAIT_POLICY or GOMP_SPINCOUNT already in the environment wins.
 OMP_DEFAULTS = {"GOMP_SPINCOUNT": "1000"}

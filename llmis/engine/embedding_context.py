@@ -7,8 +7,8 @@ model that declares none (a decoder configured with ``embedding = true``) has it
 hidden states pooled here (``mean``, ``cls`` = first token, ``last`` = last token). The memory
 (KV cache, when the model has one) is cleared before every batch.
 
-Sizes, chosen by measurement (MiniLM, ``data/topics.csv``, 1 and 2 threads; the numbers are
-in ``/work/notes/issue-18.md`` and ``scripts/bench_embeddings.py --sweep`` repeats them):
+Sizes, chosen by measurement (MiniLM, ``data/topics.csv``, 1 and 2 threads; the key numbers
+are below, and ``scripts/bench_embeddings.py --sweep`` repeats the measurement):
 
 * :data:`BATCH_TOKENS` tokens per decode (the schedulers pack up to that many). llama.cpp
   computes a batch's attention over all of its tokens and masks the other sequences out, so
