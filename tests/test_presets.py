@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import SMOLLM_RESOURCE, RunningServer
 from tests.test_embeddings import MODELS_DIR, minilm_path
-from tests.test_search import QUERIES, TOPICS, post, run_index
+from tests.test_search import QUERIES, TOPICS, run_index
 
 PRESET_CONFIG = """
 [[presets]]
@@ -180,8 +180,8 @@ def test_answer_retrieves_with_search_and_cites_row_ids(
         extra_body={"index": "topics", "rows": 3},
     )
     task = task_of(reply)
-    status, searched = post(
-        preset_server, "/v1/search", {"index": "topics", "query": question, "top_k": 3}
+    status, searched = preset_server.post_json(
+        "/v1/search", {"index": "topics", "query": question, "top_k": 3}
     )
     assert status == 200
     retrieved = [row["id"] for row in task["retrieved"]]
