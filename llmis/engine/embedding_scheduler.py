@@ -18,7 +18,6 @@ How many tokens go in one decode, and why, is in :mod:`llmis.engine.embedding_co
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -143,8 +142,8 @@ class EmbeddingScheduler(ModelThread[EmbedJob]):
 
     def cancel(self, job: EmbedJob) -> None:
         job.cancel.set()
-        with self._cond, contextlib.suppress(ValueError):
-            self._queue.remove(job)
+        with self._cond:
+            self._unqueue(job)
 
     def _idle_locked(self) -> bool:
         return not self.busy

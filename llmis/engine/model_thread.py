@@ -83,6 +83,15 @@ class ModelThread(Generic[J]):
                     return
             await self._wait_idle_once()
 
+    def _unqueue(self, job: J) -> None:
+        """Drop ``job`` from the queue if it is still there (lock held). Compared by identity:
+        ``deque.remove`` would compare with ``==`` and, when the job is not queued, put the
+        job's ``repr`` (its prompt, its result arrays) into the error it raises."""
+        for index, queued in enumerate(self._queue):
+            if queued is job:
+                del self._queue[index]
+                return
+
     def _stop_taking(self) -> list[J]:
         """Refuse new jobs; return the queued ones (to fail) and wake the thread."""
         with self._cond:

@@ -35,7 +35,6 @@ embedding batch) run between steps.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -181,8 +180,7 @@ class Scheduler(ModelThread[Job | CallJob]):
         """Cancel ``job``: drop it if still queued, stop it before the next step if running."""
         job.cancel.set()
         with self._cond:
-            with contextlib.suppress(ValueError):
-                self._queue.remove(job)
+            self._unqueue(job)
             self._cond.notify_all()
 
     def close(self, timeout: float = 30.0) -> None:
