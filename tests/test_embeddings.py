@@ -296,3 +296,22 @@ def test_generation_on_an_embedding_model_is_a_clear_400(
     error = json.loads(info.value.read())["error"]
     assert error["code"] == "generation_not_supported"
     assert error["param"] == "model"
+
+
+def test_vector_json_reads_back_to_the_same_float32() -> None:
+    """Embedding bodies are written by orjson straight from the float32 arrays: each number
+    is the shortest text that reads back to the same float32, views included."""
+    import json
+
+    import numpy as np
+
+    from llmis.api.embeddings import vectors_response
+
+    rows = np.random.default_rng(7).standard_normal((3, 384)).astype(np.float32)
+    response = vectors_response({"data": [rows[0], rows[1:, :5]], "n": 1})
+    assert response.content_type == "application/json"
+    assert isinstance(response.body, bytes)
+    body = json.loads(response.body)
+    assert np.array_equal(np.asarray(body["data"][0], dtype=np.float32), rows[0])
+    assert np.array_equal(np.asarray(body["data"][1], dtype=np.float32), rows[1:, :5])
+    assert body["n"] == 1

@@ -13,6 +13,8 @@ from __future__ import annotations
 import base64
 from typing import Any, Literal
 
+import numpy as np
+import orjson
 from aiohttp import web
 from pydantic import Field, field_validator
 
@@ -73,10 +75,27 @@ def _is_token(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _encode(vector: Any, encoding_format: str) -> list[float] | str:
+def _encode(vector: Any, encoding_format: str) -> Any:
     if encoding_format == "base64":
         return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
-    return vector.tolist()  # type: ignore[no-any-return]
+    return vector  # a float32 row: vectors_response writes it as JSON numbers
+
+
+def vectors_response(body: dict[str, Any]) -> web.Response:
+    """A JSON response whose numpy float32 arrays are written by orjson, each number in the
+    shortest form that reads back to the same float32. ``json.dumps`` of ``tolist()`` took
+    ~7% of a 102-input request (float64 reprs, twice the bytes)."""
+    return web.Response(
+        body=orjson.dumps(body, default=_listed, option=orjson.OPT_SERIALIZE_NUMPY),
+        content_type="application/json",
+    )
+
+
+def _listed(value: Any) -> Any:
+    """What orjson does not write itself (a non-contiguous array view) as a plain list."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 @routes.post("/v1/embeddings")
@@ -94,7 +113,7 @@ async def create_embeddings(request: web.Request) -> web.Response:
         {"object": "embedding", "index": i, "embedding": _encode(v, req.encoding_format)}
         for i, v in enumerate(vectors)
     ]
-    return web.json_response(
+    return vectors_response(
         {
             "object": "list",
             "data": data,

@@ -25,6 +25,7 @@ import numpy as np
 from aiohttp import web
 from numpy.typing import NDArray
 
+from llmis.api.embeddings import vectors_response
 from llmis.api.middleware import read_json, request_policy
 from llmis.api.ollama_protocol import (
     OllamaChatRequest,
@@ -334,14 +335,12 @@ async def embed(request: web.Request) -> web.Response:
     keep_alive = keep_alive_seconds(req.keep_alive)
     inputs = [req.input] if isinstance(req.input, str) else req.input
     name, chunks, tokens = await _embed(request, req.model, inputs, req.truncate)
-    rows: list[list[float]] = []
-    for chunk in chunks:
-        rows.extend(truncate_dimensions(chunk, req.dimensions).tolist())
+    rows = [truncate_dimensions(chunk, req.dimensions) for chunk in chunks]
     _keep_alive(request.app[MANAGER], name, keep_alive)
-    return web.json_response(
+    return vectors_response(
         {
             "model": req.model,
-            "embeddings": rows,
+            "embeddings": np.concatenate(rows) if rows else [],
             "total_duration": time.monotonic_ns() - started,
             "load_duration": 0,
             "prompt_eval_count": tokens,
@@ -356,7 +355,7 @@ async def embeddings(request: web.Request) -> web.Response:
     keep_alive = keep_alive_seconds(req.keep_alive)
     name, chunks, _ = await _embed(request, req.model, [req.prompt], True)
     _keep_alive(request.app[MANAGER], name, keep_alive)
-    return web.json_response({"embedding": chunks[0][0].tolist()})
+    return vectors_response({"embedding": chunks[0][0]})
 
 
 # ----- pull and delete (admin) -----
