@@ -172,6 +172,17 @@ def _wait_http(url: str, popen: subprocess.Popen[bytes], log: Path, timeout: flo
     raise RuntimeError(f"{url} did not come up:\n{log.read_text()[-3000:]}")
 
 
+def add_llmis_env_argument(parser: argparse.ArgumentParser) -> None:
+    """``--llmis-env K=V[,K=V]`` (repeatable): one more llmis per value, with that environment."""
+    parser.add_argument(
+        "--llmis-env",
+        action="append",
+        default=[],
+        metavar="K=V[,K=V]",
+        help="also run an llmis with this environment (repeatable), e.g. GOMP_SPINCOUNT=300000",
+    )
+
+
 def parse_env(spec: str) -> dict[str, str]:
     """``"K=V,K=V"`` -> a dict (``""``: none)."""
     return dict(kv.split("=", 1) for kv in spec.split(",") if kv)
@@ -536,13 +547,7 @@ def main() -> None:
     parser.add_argument("--turn-tokens", type=int, default=48)
     parser.add_argument("--no-llama-cpp-python", action="store_true")
     parser.add_argument("--no-llama-server", action="store_true", help="skip building/running it")
-    parser.add_argument(
-        "--llmis-env",
-        action="append",
-        default=[],
-        metavar="K=V[,K=V]",
-        help="also run an llmis with this environment (repeatable), e.g. GOMP_SPINCOUNT=300000",
-    )
+    add_llmis_env_argument(parser)
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     args.seeded = [s == "yes" for s in args.seeded.split(",")]

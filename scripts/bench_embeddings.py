@@ -48,6 +48,7 @@ from llmis.serving.embeddings import embed_in_process
 from scripts.bench_batching import (
     Server,
     _wait_http,
+    add_llmis_env_argument,
     clear_omp_env,
     llama_server_binary,
     llmis_name,
@@ -282,13 +283,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200, help="search requests to time")
     parser.add_argument("--sweep", action="store_true", help="time token budgets per decode")
     parser.add_argument("--no-llama-server", action="store_true", help="skip building/running it")
-    parser.add_argument(
-        "--llmis-env",
-        action="append",
-        default=[],
-        metavar="K=V[,K=V]",
-        help="also run an llmis with this environment (repeatable), e.g. GOMP_SPINCOUNT=300000",
-    )
+    add_llmis_env_argument(parser)
     args = parser.parse_args()
     print(clear_omp_env())
 
