@@ -22,7 +22,8 @@ import aiohttp
 from llama_cpp import Llama
 
 from llmis.engine.jobs import Delta, Job
-from llmis.engine.llama import Engine, SamplingParams
+from llmis.engine.llama import Engine
+from llmis.engine.sampling import SamplingParams
 from llmis.engine.scheduler import Scheduler
 from tests.conftest import launch, smollm_config, smollm_path
 

@@ -24,7 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import llmis.engine.scheduler
 from llmis.config import Settings
 from llmis.engine.jobs import Delta, Failed, Finished, Job, Started
-from llmis.engine.llama import Engine, SamplingParams
+from llmis.engine.llama import Engine
+from llmis.engine.sampling import SamplingParams
 from llmis.engine.scheduler import Scheduler
 from llmis.errors import APIError
 from llmis.models.budget import predict_memory

@@ -100,7 +100,7 @@ class _Session:
         self.chats: dict[ChatId, _Chat] = {}
         self.settings = request.app[SETTINGS]
         self.write_timeout = self.settings.server.write_timeout_seconds
-        self.streaming = request.app[SETTINGS].streaming
+        self.streaming = self.settings.streaming
         ctx = current_request()
         # The client as the rate-limit middleware knew it when the socket was opened.
         self.rate_key = ctx.rate_key if ctx is not None and ctx.rate_key else None

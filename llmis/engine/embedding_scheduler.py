@@ -252,7 +252,6 @@ class EmbeddingScheduler(ModelThread[EmbedJob]):
         picked = self._pack()
         if not picked:
             return
-        seqs = [job.seqs[i] for job, i in picked]
         # one pooling per batch: jobs of another pooling wait for the next one
         pooling = picked[0][0].pooling
         same = [(job, i) for job, i in picked if job.pooling == pooling]

@@ -29,15 +29,13 @@ from llama_cpp import _internals, llama_chat_format
 from llama_cpp._logger import llama_log_callback as _default_log_callback
 from llama_cpp._logger import set_verbose as _set_llama_verbose
 
-from llmis.engine.sampling import FinishReason, SamplingParams, parse_grammar
+from llmis.engine.sampling import parse_grammar
 from llmis.errors import APIError, BadRequestError, ContextOverflowError, ModelFileError
 
 __all__ = [
     "Engine",
-    "FinishReason",
     "FlashAttention",
     "GenerationContext",
-    "SamplingParams",
     "backend_info",
 ]
 

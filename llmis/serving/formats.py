@@ -3,7 +3,7 @@
 ``response_format`` becomes a llama.cpp grammar (JSON, or JSON following a schema): CPU work,
 done once per request in a thread by :func:`compile_grammar` before the request is queued.
 :func:`sampling_params` turns the request's sampling fields into the engine's
-:class:`~llmis.engine.llama.SamplingParams`.
+:class:`~llmis.engine.sampling.SamplingParams`.
 """
 
 from __future__ import annotations
