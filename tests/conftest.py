@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 
 from llmis.models.files import resolve_resource
@@ -35,6 +36,22 @@ REPO = Path(__file__).resolve().parent.parent
 def smollm_path() -> Path:
     """The bundled SmolLM2 file, found the way the server finds it."""
     return resolve_resource(SMOLLM_RESOURCE, REPO / "models")
+
+
+def bad_chat_param(client: openai.OpenAI, extra: dict[str, Any]) -> object:
+    """Send a short chat to ``smollm2`` with ``extra`` fields; it must be a 400, whose
+    ``param`` is returned."""
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=2,
+            extra_body=extra,
+        )
+    assert info.value.status_code == 400
+    body = info.value.body
+    assert isinstance(body, dict)
+    return body["param"]
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, bad_chat_param
 
 WEATHER = {
     "type": "object",
@@ -326,13 +326,4 @@ async def test_websocket_streams_the_same_call(server: RunningServer) -> None:
 def test_bad_tool_requests_are_400_with_param(
     client: openai.OpenAI, extra: dict[str, Any], param: str
 ) -> None:
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(
-            model="smollm2",
-            messages=[{"role": "user", "content": "hi"}],
-            max_tokens=2,
-            extra_body=extra,
-        )
-    assert info.value.status_code == 400
-    body = info.value.body
-    assert isinstance(body, dict) and body["param"] == param
+    assert bad_chat_param(client, extra) == param
