@@ -1,6 +1,7 @@
 """Typed exceptions, each carrying its HTTP status and OpenAI error fields.
 
-``APIError.body()`` is the one OpenAI-shaped error body:
+:func:`error_body` is the one OpenAI-shaped error body (each API family's shape of an
+:class:`APIError` is made by :func:`llmis.ops.families.error_for`):
 ``{"error": {"message", "type", "param", "code"}}``.
 """
 
@@ -70,9 +71,6 @@ class APIError(Exception):
         if self.type == "server_error" and 400 <= self.status < 500:
             return "invalid_request_error"
         return self.type
-
-    def body(self, request_id: str | None = None) -> dict[str, Any]:
-        return error_body(self.message, self.error_type, self.param, self.code, request_id)
 
 
 class BadRequestError(APIError):
