@@ -174,6 +174,43 @@ async def test_seeded_sampling_is_reproducible_with_the_prompt_cache_on(
     assert other_seed != fresh
 
 
+async def test_a_seeded_sequence_crossing_into_the_split_attention_path_matches_a_fresh_one(
+    worker: Scheduler, engine: Engine
+) -> None:
+    """Flash attention is on (llama.cpp's ``auto`` on the CPU), and its kernel rounds a lone
+    token differently once a sequence holds more than 256 cells. A seeded sequence whose
+    generation crosses that line while others decode beside it gives what it gives alone."""
+    assert worker.flash_attn
+    boundary = llmis.engine.scheduler.ONE_PASS_CELLS
+    prompt = next(
+        p
+        for n in range(0, len(SYSTEM), 8)
+        if boundary - 12
+        <= len(p := engine.chat_prompt(messages("Name a cat.", SYSTEM[:n])))
+        < boundary - 4
+    )
+    ends = {llama_cpp.llama_vocab_eos(engine.vocab), llama_cpp.llama_vocab_eot(engine.vocab)}
+    params = SamplingParams(  # runs its 32 tokens, so it crosses 256 cells mid-generation
+        max_tokens=32,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        seed=5,
+        logit_bias=dict.fromkeys(ends - {-1}, -100.0),
+    )
+    [fresh] = await single([prompt], params)
+    others = [engine.chat_prompt(messages(q)) for q in QUESTIONS[:2]]
+    crowd = [Run(worker, p, SamplingParams(max_tokens=96, temperature=0)) for p in others]
+    for run in crowd:
+        await run.first_delta.wait()  # both are decoding when the seeded one starts
+    seeded_run = Run(worker, prompt, params)
+    assert await seeded_run.result() == fresh
+    assert seeded_run.finished is not None
+    assert len(prompt) + seeded_run.finished.completion_tokens > boundary + 8  # it crossed
+    assert all(r.finished is None for r in crowd)  # the others decoded beside it throughout
+    await asyncio.gather(*(r.result() for r in crowd))
+
+
 async def test_a_repeated_prompt_samples_from_the_saved_logits(
     worker: Scheduler, engine: Engine
 ) -> None:

@@ -18,10 +18,9 @@ are below, and ``scripts/bench_embeddings.py --sweep`` repeats the measurement):
   needs a whole sequence in one micro-batch (llama.cpp aborts the process otherwise), so one
   decode is one micro-batch, and a long input is decoded alone.
 * ``n_seq_max``: :data:`MAX_SEQS` sequences per decode (a batch of 3-token inputs).
-* flash attention on unless the config says ``off`` (``auto`` means on here, as in
-  llama-server): measured 1.4x faster at these batch sizes. Seeded reproducibility, the reason
-  generation keeps it off on the CPU, does not apply: an embedding has no sampling, and its
-  vector moves by less than 1e-6 in cosine with the batch it shares.
+* flash attention on unless the config says ``off`` (``auto`` is llama.cpp's choice, on, as
+  in llama-server): measured 1.4x faster at these batch sizes. An input's vector moves by
+  less than 1e-6 in cosine with the batch it shares.
 """
 
 from __future__ import annotations
@@ -84,7 +83,7 @@ class EmbeddingContext:
         params.kv_unified = True
         params.no_perf = True
         if flash_attn is None:
-            flash_attn = engine.flash_attn_config != "off"
+            flash_attn = engine.flash_attn != "off"
         params.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
             if flash_attn

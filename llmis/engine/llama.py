@@ -106,15 +106,9 @@ class Engine:
         self.path = path
         self.n_batch = n_batch
         self.threads = threads or 1
-        # auto: llama.cpp's choice where layers are offloaded; on the CPU, off. The CPU flash
-        # attention kernel gives results that depend on how a batch is cut into micro-batches,
-        # which would make a seeded request's output depend on the prompt cache and on the
-        # other requests in flight; without it every prompt chunk and decode row is
-        # bit-identical however it is batched (tests/test_scheduler.py checks both).
-        self.flash_attn: FlashAttention = (
-            "off" if flash_attn == "auto" and n_gpu_layers == 0 else flash_attn
-        )
-        self.flash_attn_config = flash_attn  # the embedding context reads "auto" as on
+        # auto: llama.cpp's choice, as llama-server makes it (on where the backend has the
+        # kernel, the CPU included). See README "Prompt cache" for what it means for seeds.
+        self.flash_attn: FlashAttention = flash_attn
         self.embedding = embedding
         self._users = 0
         self._users_cond = threading.Condition()

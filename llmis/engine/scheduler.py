@@ -69,6 +69,11 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# llama.cpp pads the cells a decode attends to up to a multiple of 256, and its CPU flash
+# attention splits them among threads for a lone token from 512 on (ggml-cpu ops.cpp): a
+# sequence with more than this many cells in use takes that path when it decodes alone
+ONE_PASS_CELLS = 256
+
 
 class Scheduler(ModelThread[Job | CallJob]):
     """Runs up to ``slots`` generation jobs of one model at once on a dedicated thread."""
@@ -391,14 +396,16 @@ class Scheduler(ModelThread[Job | CallJob]):
             if slot.from_logits:  # the same prompt as before: its saved logits, no decode
                 self._sample(slot, outbox)
         rows = [s for s in active if s.next_token is not None]
-        if rows:
+        alone = [s for s in rows if self._decodes_alone(s)]
+        together = [s for s in rows if not self._decodes_alone(s)]
+        for group in ([together] if together else []) + [[s] for s in alone]:
             self._clear()
-            for slot in rows:
+            for slot in group:
                 assert slot.next_token is not None
                 self._add(slot, slot.next_token, True)
                 slot.next_token = None
-            if self._decode(rows, outbox):
-                for slot in rows:
+            if self._decode(group, outbox):
+                for slot in group:
                     self._sample(slot, outbox)
         room = gen.n_batch - len(rows)
         chunk = self.chunk
@@ -418,6 +425,23 @@ class Scheduler(ModelThread[Job | CallJob]):
                 slot.canonical = start + size  # a whole aligned chunk on a canonical prefix
             if self._decode([slot], outbox) and not slot.pending:
                 self._sample(slot, outbox)
+
+    def _decodes_alone(self, slot: Slot) -> bool:
+        """Whether the slot's next token is decoded in a ``llama_decode`` of its own.
+
+        With flash attention on, llama.cpp's CPU kernel takes another path for a batch of one
+        token of one sequence once it has more than ``ONE_PASS_CELLS`` cells in use: it splits
+        the cells among the threads and merges the parts, which rounds differently from the
+        one-pass path a row takes beside other sequences. A seeded sequence that long is
+        therefore always decoded alone, as a fresh context decodes it, so its output does not
+        depend on what else is in flight; shorter ones, and unseeded ones, share the batch.
+        """
+        return (
+            self.flash_attn
+            and slot.job is not None
+            and slot.job.params.seed is not None
+            and len(slot.tokens) + 1 > ONE_PASS_CELLS  # with the token it decodes
+        )
 
     def _clear(self) -> None:
         self._batch.n_tokens = 0
