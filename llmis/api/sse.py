@@ -16,11 +16,15 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 __all__ = ["SSE_HEADERS", "EventStream", "within"]
 
 logger = logging.getLogger(__name__)
+
+# a write of this size onto an empty transport stays under aiohttp's high-water mark (64 KiB)
+_UNBLOCKED_WRITE = 16 * 1024
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -28,6 +32,15 @@ SSE_HEADERS = {
     "Connection": "keep-alive",
     "X-Accel-Buffering": "no",
 }
+
+
+def dumps(payload: dict[str, Any]) -> bytes:
+    """Compact UTF-8 JSON, once per token: orjson, with the standard library for what orjson
+    refuses (integers beyond 64 bits, non-string keys)."""
+    try:
+        return orjson.dumps(payload)
+    except TypeError:  # orjson.JSONEncodeError
+        return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 async def within(write: Coroutine[Any, Any, None], seconds: float | None) -> None:
@@ -60,6 +73,16 @@ class EventStream:
         await self.response.prepare(self.request)
 
     async def _write(self, data: bytes) -> None:
+        transport = self.request.transport
+        if self.write_timeout is None or (
+            transport is not None
+            and transport.get_write_buffer_size() == 0
+            and len(data) < _UNBLOCKED_WRITE
+        ):
+            # nothing is backed up, so this write cannot wait (aiohttp waits only while the
+            # transport holds more than its high-water mark): no timer for it
+            await self.response.write(data)
+            return
         try:
             await within(self.response.write(data), self.write_timeout)
         except asyncio.TimeoutError:  # TimeoutError on 3.11+, its own class on 3.10
@@ -73,13 +96,11 @@ class EventStream:
             raise ConnectionResetError("the client stopped reading") from None
 
     async def send(self, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-        await self._write(f"data: {data}\n\n".encode())
+        await self._write(b"data: " + dumps(payload) + b"\n\n")
 
     async def send_event(self, event: str, payload: dict[str, Any]) -> None:
         """A named event, as Anthropic frames them: ``event: name\ndata: {json}\n\n``."""
-        data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-        await self._write(f"event: {event}\ndata: {data}\n\n".encode())
+        await self._write(f"event: {event}\ndata: ".encode() + dumps(payload) + b"\n\n")
 
     async def close(self) -> None:
         """End the stream without OpenAI's ``[DONE]``."""

@@ -116,6 +116,13 @@ class SlotStats:
 _job_ids = itertools.count(1)
 
 
+class _Tick:
+    """Put in a job's queue by its deadline timer: the wait for the next event timed out."""
+
+
+_TICK = _Tick()
+
+
 @dataclass(eq=False)
 class Job:
     """One generation request for one prompt, owned by the event loop that submitted it."""
@@ -123,12 +130,14 @@ class Job:
     prompt: Sequence[int]
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue[JobEvent] = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue[JobEvent | _Tick] = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.monotonic)
     id: int = field(default_factory=lambda: next(_job_ids))
     done: bool = False
     logprobs: int | None = None  # report each token's logprob and this many alternatives
+    _deadline: float | None = field(default=None, init=False, repr=False)  # of the wait
+    _timer: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
 
     def emit(self, event: JobEvent) -> None:
         """Thread-safe: queue ``event`` for the consumer on the job's event loop."""
@@ -140,16 +149,43 @@ class Job:
     async def next_event(self, timeout: float | None) -> JobEvent | None:
         """The next event, or ``None`` after ``timeout`` s of silence.
 
-        An event already queued is taken without a timer: a decode step delivers a whole
-        batch of events with one wake-up, and reading them must not cost one timer each.
+        No timer per token: an event already queued is taken at once (a decode step delivers
+        a whole batch of events with one wake-up), and a wait moves the job's one deadline
+        timer forward instead of arming a new one; the timer re-arms itself when it finds
+        the deadline moved, so it fires about once per ``timeout``, not once per event.
         """
-        if not self.events.empty():
-            return self.events.get_nowait()
+        while not self.events.empty():
+            event = self.events.get_nowait()
+            if not isinstance(event, _Tick):  # a tick left by a wait that had ended
+                return self._took(event)
+        if timeout is None:
+            event = await self.events.get()
+            return None if isinstance(event, _Tick) else self._took(event)
+        self._deadline = self.loop.time() + timeout
+        if self._timer is None or self._timer.when() > self._deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
         try:
-            async with asyncio.timeout(timeout):
-                return await self.events.get()
-        except TimeoutError:
-            return None
+            event = await self.events.get()
+        finally:
+            self._deadline = None
+        return None if isinstance(event, _Tick) else self._took(event)
+
+    def _took(self, event: JobEvent) -> JobEvent:
+        if isinstance(event, Finished | Failed) and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return event
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._deadline is None:
+            return  # nobody is waiting; the next wait arms a timer again
+        if self.loop.time() < self._deadline:
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+        else:
+            self.events.put_nowait(_TICK)  # wakes the waiter, which returns None
 
     async def stream(self, idle_timeout: float | None = None) -> AsyncIterator[JobEvent | None]:
         """Yield events until the job ends; yield ``None`` after ``idle_timeout`` s of silence."""

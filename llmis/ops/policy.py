@@ -152,6 +152,10 @@ class _Watch:
         self.guard, self.job, self.cancel, self.keepalive = guard, job, cancel, keepalive
         ov = guard.oversight
         self.metrics = ov.metrics if ov is not None else None
+        # observed once per token: the labelled child is looked up once per stream
+        self.inter_token = (
+            self.metrics.inter_token.labels(guard.model) if self.metrics is not None else None
+        )
         self.scanner = ov.filter.scanner() if ov is not None and ov.filter.enabled else None
         self.arrived = guard.arrived
         timeout = guard.limits.request_timeout
@@ -256,8 +260,8 @@ class _Watch:
                 self.guard.ctx.ttft = now - self.arrived
             if self.metrics is not None:
                 self.metrics.ttft.labels(self.guard.model).observe(now - self.arrived)
-        elif self.metrics is not None and self.last_at is not None:
-            self.metrics.inter_token.labels(self.guard.model).observe(now - self.last_at)
+        elif self.inter_token is not None and self.last_at is not None:
+            self.inter_token.observe(now - self.last_at)
         self.last_at = now
         if limits.idle_timeout is not None:
             self.idle_deadline = now + limits.idle_timeout
