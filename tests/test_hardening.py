@@ -579,13 +579,53 @@ class _StalledResponse:
 
 async def test_sse_write_times_out_for_a_stalled_reader() -> None:
     aborted: list[bool] = []
-    transport = SimpleNamespace(abort=lambda: aborted.append(True))
+    # a write waits only while the transport is backed up
+    transport = SimpleNamespace(abort=lambda: aborted.append(True), get_write_buffer_size=lambda: 1)
     request = SimpleNamespace(transport=transport)
     stream = EventStream(request, write_timeout=0.05)  # type: ignore[arg-type]
     stream.response = _StalledResponse()  # type: ignore[assignment]
     with pytest.raises(ConnectionResetError):
         await asyncio.wait_for(stream.send({"x": 1}), 10)
     assert aborted == [True]
+
+
+async def test_a_real_client_that_stops_reading_is_dropped_after_the_write_timeout() -> None:
+    """On a real socket: writes go out untimed while nothing is backed up; once the client's
+    buffers are full the next write waits at most ``write_timeout`` and the stream ends."""
+    from aiohttp import web
+
+    outcome: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        stream = EventStream(request, write_timeout=0.3)
+        await stream.prepare()
+        sent = 0
+        try:
+            while sent < 100_000:  # 800 MB: far more than any socket buffer holds
+                await stream.send({"pad": "x" * 8000})
+                sent += 1
+            outcome.set_result(("finished", sent))
+        except ConnectionResetError:
+            outcome.set_result(("dropped", sent))
+        return stream.response
+
+    app = web.Application()
+    app.router.add_get("/s", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        client.connect(("127.0.0.1", port))
+        client.sendall(b"GET /s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # and never reads
+        what, sent = await asyncio.wait_for(outcome, 30)
+    finally:
+        client.close()
+        await runner.cleanup()
+    assert what == "dropped" and 0 < sent < 100_000
 
 
 def test_release_free_heap_looks_up_libc_once(monkeypatch: pytest.MonkeyPatch) -> None:
