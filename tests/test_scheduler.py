@@ -234,6 +234,34 @@ async def test_a_repeated_prompt_samples_from_the_saved_logits(
     assert await extended.result() == fresh_longer
 
 
+async def test_a_token_sampled_without_a_decode_goes_out_before_the_next_decode(
+    worker: Scheduler, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first token of a repeated prompt (from the saved logits) reaches the client while
+    the scheduler decodes the second one, not after it."""
+    prompt = engine.chat_prompt(messages("Invent a name for a bird."))
+    await Run(worker, prompt, GREEDY).result()
+    gate, held = threading.Event(), threading.Event()
+    real_decode = llama_cpp.llama_decode
+
+    def holding(ctx: Any, batch: Any) -> int:
+        held.set()
+        gate.wait(30)
+        return int(real_decode(ctx, batch))
+
+    monkeypatch.setattr(llmis.engine.scheduler.llama_cpp, "llama_decode", holding)
+    again = Run(worker, prompt, GREEDY)
+    try:
+        await asyncio.wait_for(again.first_delta.wait(), 10)
+        assert await asyncio.to_thread(held.wait, 10)  # the next decode started, and waits
+        assert not gate.is_set()
+    finally:
+        gate.set()
+    monkeypatch.undo()
+    await again.result()
+    assert again.finished is not None and again.finished.cached_tokens == len(prompt)
+
+
 async def test_all_slots_free_after_a_burst(worker: Scheduler, engine: Engine) -> None:
     prompts = [engine.chat_prompt(messages(q)) for q in QUESTIONS] * 2  # 10 jobs, 3 slots
     params = SamplingParams(max_tokens=8, temperature=0)

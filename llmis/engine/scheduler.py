@@ -395,6 +395,7 @@ class Scheduler(ModelThread[Job | CallJob]):
         for slot in active:
             if slot.from_logits:  # the same prompt as before: its saved logits, no decode
                 self._sample(slot, outbox)
+        _flush(outbox)  # a first token sampled without a decode goes out before the decode
         rows = [s for s in active if s.next_token is not None]
         alone = [s for s in rows if self._decodes_alone(s)]
         together = [s for s in rows if not self._decodes_alone(s)]
@@ -408,6 +409,8 @@ class Scheduler(ModelThread[Job | CallJob]):
                 for slot in group:
                     self._sample(slot, outbox)
         room = gen.n_batch - len(rows)
+        if any(slot.pending and slot.job is not None for slot in active):
+            _flush(outbox)  # the running streams' tokens do not wait for a prompt chunk
         chunk = self.chunk
         for slot in sorted(active, key=lambda s: s.last_used):
             if not slot.pending or slot.job is None:
@@ -515,6 +518,13 @@ class Scheduler(ModelThread[Job | CallJob]):
             self._release(slot)
         else:
             slot.next_token = token
+
+
+def _flush(outbox: list[tuple[Job, JobEvent]]) -> None:
+    """Hand the events gathered so far to their loops before a decode makes them wait."""
+    if any(not isinstance(event, Started) for _, event in outbox):
+        deliver(outbox)
+        outbox.clear()
 
 
 def _as_api_error(exc: BaseException) -> APIError:
