@@ -8,17 +8,23 @@ client gets exactly its own vectors in its own order.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 import urllib.request
 from collections.abc import Callable
+from typing import Any
 
+import llama_cpp
 import numpy as np
 import openai
 import pytest
 
+from llmis.engine.embedding_context import EmbeddingContext
+from llmis.engine.embedding_scheduler import EmbeddingScheduler
+from llmis.engine.llama import Engine
 from tests.conftest import RunningServer
-from tests.test_embeddings import embedding_config
+from tests.test_embeddings import embedding_config, minilm_path
 
 WORDS = ["river", "stone", "lantern", "orchard", "copper"]
 WORDS += ["violin", "harbor", "meadow", "glacier", "ember"]
@@ -126,3 +132,52 @@ def test_concurrent_requests_each_get_their_own_vectors_in_order(
     assert _counter(batch_server, "embedding_rows") == rows_before + 128
     # many rows per decode (within and across requests), not one decode per row
     assert _counter(batch_server, "embedding_decodes") - decodes_before < 128 / 2
+
+
+async def test_batches_decode_side_by_side_one_thread_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With 2 threads, two batches decode at once on two contexts of one thread each, and
+    give the vectors one context gives; a lone query gets both threads."""
+    engine = Engine(minilm_path(), n_ctx=512, threads=2, embedding=True)
+    texts = _texts(48, seed=20)
+    alone = EmbeddingScheduler("minilm", engine, 16, context=EmbeddingContext(engine))
+    parallel = EmbeddingScheduler("minilm", engine, 16)
+    loop = asyncio.get_running_loop()
+    try:
+        expected = (await alone.embed(texts)).vectors
+        assert len(parallel.contexts) == 2
+        lock = threading.Lock()
+        running, peak, seen = 0, 0, []
+        real_decode = EmbeddingContext.decode
+
+        def watched(context: EmbeddingContext, seqs: Any, pooling: Any) -> Any:
+            nonlocal running, peak
+            with lock:
+                running += 1
+                peak = max(peak, running)
+                seen.append((threading.get_ident(), int(llama_cpp.llama_n_threads(context.ctx))))
+            try:
+                return real_decode(context, seqs, pooling)
+            finally:
+                with lock:
+                    running -= 1
+
+        monkeypatch.setattr(EmbeddingContext, "decode", watched)
+        got = (await parallel.embed(texts)).vectors
+        assert peak == 2  # two decodes ran at the same time
+        assert len({thread for thread, _ in seen}) == 2
+        # side by side, one thread each (a last batch alone in its step gets both)
+        assert sum(threads == 1 for _, threads in seen) >= 2
+        assert {threads for _, threads in seen} <= {1, 2}
+        cosines = np.sum(got * expected, axis=1) / (
+            np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1)
+        )
+        assert cosines.min() >= 0.9999, cosines.min()
+        seen.clear()
+        await parallel.embed(["one short query"])
+        assert [threads for _, threads in seen] == [2]  # a lone batch: every thread
+    finally:
+        await loop.run_in_executor(None, parallel.close)
+        await loop.run_in_executor(None, alone.close)
+        engine.close()

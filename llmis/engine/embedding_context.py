@@ -66,6 +66,7 @@ class EmbeddingContext:
         batch_tokens: int = BATCH_TOKENS,
         max_seqs: int = MAX_SEQS,
         flash_attn: bool | None = None,
+        threads: int | None = None,
     ) -> None:
         self.engine = engine
         model = engine.model.model
@@ -78,7 +79,7 @@ class EmbeddingContext:
         params.n_ctx = self.n_batch  # a decoder's KV holds one batch, cleared before the next
         params.n_batch = params.n_ubatch = self.n_batch
         params.n_seq_max = self.n_seq_max
-        params.n_threads = params.n_threads_batch = engine.threads
+        params.n_threads = params.n_threads_batch = threads or engine.threads
         params.embeddings = True
         params.kv_unified = True
         params.no_perf = True
@@ -98,6 +99,10 @@ class EmbeddingContext:
         self.pooled = llama_cpp.llama_pooling_type(ctx) != llama_cpp.LLAMA_POOLING_TYPE_NONE
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._closed = False
+
+    def set_threads(self, threads: int) -> None:
+        """The threads of the next decodes (between decodes, on the thread that decodes)."""
+        llama_cpp.llama_set_n_threads(self.ctx, threads, threads)
 
     # ----- tokens (validation happens here, before any decode) -----
 

@@ -13,6 +13,15 @@ before the next batch. A failed decode fails the jobs in that batch only; if the
 dies, every job gets an error and ``on_failure`` callbacks run (the model is reloaded).
 
 How many tokens go in one decode, and why, is in :mod:`llmis.engine.embedding_context`.
+
+Decodes run data-parallel: with ``threads`` llama.cpp threads the scheduler keeps
+``workers(threads)`` contexts (2 for 2 threads), and a step with that many batches' worth of
+rows decodes one batch per context at once, each context on one thread of its own (the
+scheduler's thread and helper threads). A lone batch (a one-query search) decodes on the first
+context with every thread. On a small model a decode is dozens of tiny operations with a
+thread barrier after each; split among threads, a third of the time went to those barriers
+(py-spy), while whole batches side by side need none: 1.2-1.3x the rows/s on MiniLM at 2
+threads, measured in process.
 """
 
 from __future__ import annotations
@@ -22,13 +31,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from llmis.engine.embedding_context import BATCH_TOKENS, EmbeddingContext, EmbeddingInput, Pooling
+from llmis.engine.embedding_context import (
+    BATCH_TOKENS,
+    EmbeddingContext,
+    EmbeddingInput,
+    Pooling,
+)
 from llmis.engine.jobs import notify, settle_future
 from llmis.engine.llama import Engine
 from llmis.engine.model_thread import ModelThread, unloading_error
@@ -37,6 +52,8 @@ from llmis.errors import APIError, QueueFullError
 __all__ = ["EmbedJob", "EmbeddingScheduler", "EmbeddingsResult"]
 
 logger = logging.getLogger(__name__)
+
+MAX_WORKERS = 4  # contexts decoding side by side at most (beyond, each gets more threads)
 
 
 @dataclass(frozen=True)
@@ -87,7 +104,24 @@ class EmbeddingScheduler(ModelThread[EmbedJob]):
     ) -> None:
         super().__init__(name, queue_size, f"llmis-embed-{name}")
         self.engine = engine
-        self.context = context or EmbeddingContext(engine, batch_tokens=batch_tokens)
+        count, self.threads_each = workers(engine.threads)
+        if context is not None:
+            count, self.threads_each = 1, engine.threads
+        self.contexts: list[EmbeddingContext] = []
+        self._helpers: ThreadPoolExecutor | None = None
+        try:
+            self.contexts.append(context or EmbeddingContext(engine, batch_tokens=batch_tokens))
+            for _ in range(count - 1):
+                self.contexts.append(
+                    EmbeddingContext(engine, batch_tokens=batch_tokens, threads=self.threads_each)
+                )
+        except BaseException:
+            for made in self.contexts:
+                made.close()
+            raise
+        if count > 1:
+            self._helpers = ThreadPoolExecutor(count - 1, f"llmis-embed-{name}")
+        self.context = self.contexts[0]  # tokenizes, and decodes a lone batch
         self.batch_tokens = min(batch_tokens, self.context.n_batch)
         # for tests and /metrics: what the thread decoded
         self.rows_total = 0
@@ -174,7 +208,10 @@ class EmbeddingScheduler(ModelThread[EmbedJob]):
             logger.exception("the embedding scheduler of model %s died", self.name)
             self._die(f"{type(exc).__name__} in the embedding scheduler")
         finally:
-            self.context.close()
+            if self._helpers is not None:
+                self._helpers.shutdown(wait=True)  # no decode runs past this point
+            for context in self.contexts:
+                context.close()
             with self._cond:
                 self._report_idle()
 
@@ -249,37 +286,49 @@ class EmbeddingScheduler(ModelThread[EmbedJob]):
         return picked
 
     def _step(self) -> None:
-        picked = self._pack()
-        if not picked:
+        """Up to one batch per context, decoded side by side; then the rows go to their jobs."""
+        batches: list[tuple[list[tuple[EmbedJob, int]], Pooling]] = []
+        while len(batches) < len(self.contexts):
+            picked = self._pack()
+            if not picked:
+                break
+            batches.append(_one_pooling(picked))
+        if not batches:
             return
-        # one pooling per batch: jobs of another pooling wait for the next one
-        pooling = picked[0][0].pooling
-        same = [(job, i) for job, i in picked if job.pooling == pooling]
-        for job, i in picked:
-            if job.pooling != pooling:
-                job.next = min(job.next, i)
-        picked, seqs = same, [job.seqs[i] for job, i in same]
-        try:
-            vectors = self.context.decode(seqs, pooling)
-        except APIError as exc:
-            failed = {id(job): job for job, _ in picked}
-            for job in failed.values():
-                job.settle(error=exc)
-            with self._cond:
-                self._active = [j for j in self._active if id(j) not in failed]
-            return
-        self.decodes_total += 1
-        self.rows_total += len(seqs)
-        self.tokens_total += sum(len(s) for s in seqs)
-        for (job, i), vector in zip(picked, vectors, strict=True):
-            assert job.rows is not None
-            job.rows[i] = vector
-            job.done += 1
-        finished = [job for job in self._active if job.done == len(job.seqs)]
-        if not finished:
+        contexts = self.contexts[: len(batches)]
+        threads = self.engine.threads if len(batches) == 1 else self.threads_each
+        for context in contexts:
+            context.set_threads(threads)
+        helpers = self._helpers
+        pending: list[Future[NDArray[np.float32] | APIError]] = []
+        if helpers is not None:
+            pending = [
+                helpers.submit(_decode, context, picked, pooling)
+                for context, (picked, pooling) in zip(contexts[1:], batches[1:], strict=True)
+            ]
+        outcomes = [_decode(contexts[0], *batches[0]), *(f.result() for f in pending)]
+        failed: dict[int, EmbedJob] = {}
+        for (picked, _), outcome in zip(batches, outcomes, strict=True):
+            if isinstance(outcome, APIError):
+                for job, _ in picked:
+                    if id(job) not in failed:
+                        failed[id(job)] = job
+                        job.settle(error=outcome)
+                continue
+            self.decodes_total += 1
+            self.rows_total += len(picked)
+            self.tokens_total += sum(len(job.seqs[i]) for job, i in picked)
+            for (job, i), vector in zip(picked, outcome, strict=True):
+                assert job.rows is not None
+                job.rows[i] = vector
+                job.done += 1
+        finished = [
+            job for job in self._active if id(job) not in failed and job.done == len(job.seqs)
+        ]
+        if not finished and not failed:
             return
         with self._cond:
-            self._active = [j for j in self._active if j.done < len(j.seqs)]
+            self._active = [j for j in self._active if id(j) not in failed and j.done < len(j.seqs)]
         for job in finished:
             self._finish(job)
 
@@ -296,3 +345,29 @@ class EmbeddingScheduler(ModelThread[EmbedJob]):
                 logger.exception("an embedding job's last step failed in model %s", self.name)
                 exc = APIError("the request failed after embedding; see the server log")
             job.settle(error=exc)
+
+
+def workers(threads: int) -> tuple[int, int]:
+    """How many contexts decode side by side, and the threads of each, for ``threads``."""
+    count = max(1, min(threads, MAX_WORKERS))
+    return count, max(1, threads // count)
+
+
+def _one_pooling(picked: list[tuple[EmbedJob, int]]) -> tuple[list[tuple[EmbedJob, int]], Pooling]:
+    """One pooling per batch: rows of jobs with another pooling go back for a later batch."""
+    pooling = picked[0][0].pooling
+    for job, i in picked:
+        if job.pooling != pooling:
+            job.next = min(job.next, i)
+    return [(job, i) for job, i in picked if job.pooling == pooling], pooling
+
+
+def _decode(
+    context: EmbeddingContext, picked: list[tuple[EmbedJob, int]], pooling: Pooling
+) -> NDArray[np.float32] | APIError:
+    """The batch's vectors, or the error that fails its jobs (any other exception is a bug
+    and ends the scheduler)."""
+    try:
+        return context.decode([job.seqs[i] for job, i in picked], pooling)
+    except APIError as exc:
+        return exc
