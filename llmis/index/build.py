@@ -63,7 +63,8 @@ class BuildReport:
     reused: int  # rows whose vector came from the previous build
     blank: int
     truncated: int
-    seconds: float
+    seconds: float  # the whole build: reading, loading the model, embedding, saving
+    embed_seconds: float  # embedding only
 
 
 def _decode(path: Path, encoding: str) -> str:
@@ -190,6 +191,7 @@ async def build(
         # a few jobs in flight, so the embedding thread always has the next rows queued
         # while the finished ones are stored; each job's rows are batched by the scheduler
         pending: deque[tuple[list[str], asyncio.Task[Embeddings]]] = deque()
+        embed_started = time.monotonic()
         with tqdm(
             total=len(todo), unit="rows", desc=f"embedding {name}", disable=not progress
         ) as bar:
@@ -211,6 +213,7 @@ async def build(
                 for _, task in pending:
                     task.cancel()
                 await asyncio.gather(*(task for _, task in pending), return_exceptions=True)
+        embed_seconds = time.monotonic() - embed_started
     finally:
         await manager.close()
     vectors = np.stack([known[r.hash] for r in table.rows]).astype(np.float32)
@@ -238,6 +241,7 @@ async def build(
         table.blank,
         truncated,
         time.monotonic() - started,
+        embed_seconds,
     )
 
 
@@ -274,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
     except IndexBuildError as exc:
         print(f"llmis index: error: {exc}", file=sys.stderr)
         return 1
-    rate = report.embedded / report.seconds if report.seconds > 0 else 0.0
+    rate = report.embedded / report.embed_seconds if report.embed_seconds > 0 else 0.0
     notes = [f"{report.embedded} embedded", f"{report.reused} unchanged"]
     if report.blank:
         notes.append(f"{report.blank} blank rows skipped")
