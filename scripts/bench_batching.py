@@ -509,7 +509,10 @@ async def multi_turn(
     for round_ in range(args.rounds):
         for server in order(servers, round_):
             timeout = aiohttp.ClientTimeout(total=900)
-            async with aiohttp.ClientSession(timeout=timeout) as session:
+            # a connection per turn, as for every other stream here: llama-server closes a
+            # connection after a streamed answer, and a POST on it then fails (not the server)
+            connector = aiohttp.TCPConnector(force_close=True)
+            async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
                 users = await asyncio.gather(
                     *(one_user(session, server, bias, u, args) for u in range(4))
                 )
