@@ -171,27 +171,42 @@ async def test_idle_timeout_between_tokens() -> None:
     assert [e async for e in guard.events(job2, cancelled.append)][-1] == Finished("stop", 1, 1)
 
 
-async def test_a_stream_of_events_arms_one_deadline_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_stream_of_events_arms_one_deadline_timer(loop_kind: str) -> None:
     """Waiting for each token with a deadline costs no timer per token, and silence still
-    ends the wait on time."""
-    loop = asyncio.get_running_loop()
+    ends the wait on time; on both event loops the server runs on."""
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
     armed: list[float] = []
     real_call_at = loop.call_at
 
-    def counting(
-        when: float, callback: Callable[..., object], *args: object
-    ) -> asyncio.TimerHandle:
+    def counting(when: float, callback: Callable[..., object], *args: object) -> asyncio.Handle:
         armed.append(when)
         return real_call_at(when, callback, *args)
 
-    monkeypatch.setattr(loop, "call_at", counting)
-    job = Job([1], SamplingParams(max_tokens=5), loop)
-    for i in range(50):
-        loop.call_soon(job.events.put_nowait, Delta(str(i)))  # arrives while the job waits
-        assert await job.next_event(30.0) == Delta(str(i))
-    assert len(armed) == 1
-    started = loop.time()
-    assert await job.next_event(0.05) is None  # a nearer deadline: the timer moves up
-    assert 0.04 <= loop.time() - started < 5
-    loop.call_soon(job.events.put_nowait, Finished("stop", 1, 1))
-    assert await job.next_event(30.0) == Finished("stop", 1, 1)
+    async def scenario() -> None:
+        job = Job([1], SamplingParams(max_tokens=5), loop)
+        for i in range(50):
+            loop.call_soon(job.events.put_nowait, Delta(str(i)))  # arrives while it waits
+            assert await job.next_event(30.0) == Delta(str(i))
+        assert len(armed) == 1
+        started = loop.time()
+        assert await job.next_event(0.05) is None  # a nearer deadline: the timer moves up
+        assert 0.04 <= loop.time() - started < 5
+        # a deadline already due (uvloop then hands back a plain Handle, with no when())
+        assert await job.next_event(0.0) is None
+        loop.call_soon(job.events.put_nowait, Delta("late"))
+        assert await job.next_event(0.0) == Delta("late")  # arrived with the due timer
+        loop.call_soon(job.events.put_nowait, Delta("next"))
+        assert await job.next_event(30.0) == Delta("next")  # a leftover tick is no timeout
+        loop.call_soon(job.events.put_nowait, Finished("stop", 1, 1))
+        assert await job.next_event(30.0) == Finished("stop", 1, 1)
+
+    loop.call_at = counting  # type: ignore[method-assign]
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.close()

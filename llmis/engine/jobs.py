@@ -137,7 +137,8 @@ class Job:
     done: bool = False
     logprobs: int | None = None  # report each token's logprob and this many alternatives
     _deadline: float | None = field(default=None, init=False, repr=False)  # of the wait
-    _timer: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
+    _timer: asyncio.Handle | None = field(default=None, init=False, repr=False)
+    _timer_at: float = field(default=0.0, init=False, repr=False)
 
     def emit(self, event: JobEvent) -> None:
         """Thread-safe: queue ``event`` for the consumer on the job's event loop."""
@@ -162,10 +163,8 @@ class Job:
             event = await self.events.get()
             return None if isinstance(event, _Tick) else self._took(event)
         self._deadline = self.loop.time() + timeout
-        if self._timer is None or self._timer.when() > self._deadline:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+        if self._timer is None or self._timer_at > self._deadline:
+            self._arm(self._deadline)
         try:
             event = await self.events.get()
         finally:
@@ -178,12 +177,18 @@ class Job:
             self._timer = None
         return event
 
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        # (uvloop's handles have no when(): the time is kept here)
+        self._timer, self._timer_at = self.loop.call_at(when, self._on_timer), when
+
     def _on_timer(self) -> None:
         self._timer = None
         if self._deadline is None:
             return  # nobody is waiting; the next wait arms a timer again
         if self.loop.time() < self._deadline:
-            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+            self._arm(self._deadline)
         else:
             self.events.put_nowait(_TICK)  # wakes the waiter, which returns None
 
