@@ -207,7 +207,7 @@ max_tokens = 64
 max_prompt_tokens = 200
 
 [filter]
-keywords = ["Nation", "forbiddenword"]
+keywords = ["Nation", "Marseillaise", "forbiddenword"]
 patterns = ['secret-\\d+']
 
 [cors]

@@ -4,6 +4,8 @@ on a server without the filter."""
 
 from __future__ import annotations
 
+import re
+
 from llmis.config import FilterSettings
 from llmis.ops.contentfilter import ContentFilter, ContentFilterError
 from tests.conftest import OPS_USER_KEY, RunningServer
@@ -29,13 +31,19 @@ async def test_prompt_denylist(ops_server: RunningServer) -> None:
     assert (await post(ops_server, CHAT, ok, OPS_USER_KEY))[0] == 200
 
 
+# words of the greedy answer to FRANCE (which one depends on the CPU's kernels), on the
+# ops server's denylist
+ANSWER_WORDS = ("Nation", "Marseillaise")
+
+
 async def test_output_denylist(server: RunningServer, ops_server: RunningServer) -> None:
-    # without the filter, this greedy answer says "Nation"
+    # without the filter, this greedy answer says one of ANSWER_WORDS
     status, plain, _ = await post(server, CHAT, FRANCE_BODY)
     assert status == 200
     unfiltered = plain["choices"][0]["message"]["content"]
-    assert "Nation" in unfiltered, unfiltered
-    before_match = unfiltered[: unfiltered.index("Nation")]
+    found = [m.start() for w in ANSWER_WORDS if (m := re.search(rf"\b{w}\b", unfiltered))]
+    assert found, unfiltered
+    before_match = unfiltered[: min(found)]
 
     status, body, _ = await post(ops_server, CHAT, FRANCE_BODY, OPS_USER_KEY)
     assert status == 200
