@@ -10,8 +10,9 @@ step). llama.cpp cuts a batch that mixes sequences into micro-batches with the s
 tokens per sequence, so a chunk beside decode rows would be evaluated in two pieces anyway;
 alone it is evaluated the same way every time. After each decode its sequences sample, each
 with its own :class:`~llmis.engine.sampling.Sampler`; one step's events go to each event loop with a
-single wake-up. A request whose prompt equals the one a slot just evaluated samples its first
-token from that prompt's saved logits, with no decode at all.
+single wake-up, handed over before any later decode of the step (a prompt chunk) would hold
+them back. A request whose prompt equals the one a slot just evaluated samples its first
+token from that prompt's saved logits, with no decode at all, and that token goes out at once.
 
 Prompt chunks are aligned to fixed positions (multiples of :attr:`Scheduler.chunk`), and a
 sequence never has two chunks in one step. llama.cpp's kernels give bit-identical results
