@@ -235,6 +235,12 @@ def test_a_saturated_replica_429_is_retried_on_the_other(topology: Topology) -> 
 
     async def main() -> list[Outcome]:
         async with aiohttp.ClientSession() as direct, aiohttp.ClientSession() as http:
+            # a replica that answered 429 in the last test is cooling down in the proxy, which
+            # then never tries it: wait until the proxy routes a request to it again
+            deadline = time.monotonic() + 180
+            while (await stream(http, topology, 1)).api_base != topology.api_base(busy):
+                assert time.monotonic() < deadline, "the proxy never went back to that replica"
+                await asyncio.sleep(0.5)
             filler = {
                 "model": "smollm2-135m-instruct",
                 "messages": [{"role": "user", "content": "Count."}],
