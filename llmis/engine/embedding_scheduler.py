@@ -1,4 +1,4 @@
-"""The embedding scheduler of a model: one thread that batches every request's inputs together.
+"""The embedding scheduler of a model: a thread that batches every request's inputs together.
 
 It mirrors the generation scheduler (:mod:`llmis.engine.scheduler`): requests queue
 :class:`EmbedJob` s from the event loop; a thread of its own takes every queued job, checks and
