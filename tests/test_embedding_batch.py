@@ -21,8 +21,10 @@ import openai
 import pytest
 
 from llmis.engine.embedding_context import EmbeddingContext
-from llmis.engine.embedding_scheduler import EmbeddingScheduler
+from llmis.engine.embedding_scheduler import EmbeddingScheduler, embedding_outputs
 from llmis.engine.llama import Engine
+from llmis.models.budget import predict_memory, process_rss, release_free_heap
+from llmis.models.gguf import read_gguf_info
 from tests.conftest import RunningServer
 from tests.test_embeddings import embedding_config, minilm_path
 
@@ -181,3 +183,26 @@ async def test_batches_decode_side_by_side_one_thread_each(
         await loop.run_in_executor(None, parallel.close)
         await loop.run_in_executor(None, alone.close)
         engine.close()
+
+
+async def test_the_memory_prediction_covers_every_embedding_context() -> None:
+    """Both contexts' output buffers (llama.cpp keeps n_vocab floats per output token, for
+    an embedding model too) are in the prediction the RAM budget uses."""
+    release_free_heap()
+    before = process_rss()
+    engine = Engine(minilm_path(), n_ctx=512, threads=2, embedding=True)
+    scheduler = EmbeddingScheduler("minilm", engine, 16)
+    try:
+        long_input = " ".join(WORDS * 45)  # about 500 tokens: the first context's largest
+        await scheduler.embed([long_input, *_texts(64, seed=30)])
+        await scheduler.embed(_texts(64, seed=31))
+        grown = process_rss() - before
+    finally:
+        await asyncio.get_running_loop().run_in_executor(None, scheduler.close)
+        engine.close()
+    info = read_gguf_info(minilm_path())
+    outputs = embedding_outputs(2, 512)
+    predicted = predict_memory(info, 512, 512, embedding_outputs=outputs).total
+    without = predict_memory(info, 512, 512).total
+    assert without < 0.7 * grown  # the buffers are most of it: leaving them out is wrong
+    assert 0.8 * grown <= predicted <= 1.3 * grown, (grown, predicted)

@@ -49,7 +49,13 @@ from llmis.engine.llama import Engine
 from llmis.engine.model_thread import ModelThread, unloading_error
 from llmis.errors import APIError, QueueFullError
 
-__all__ = ["EmbedJob", "EmbeddingScheduler", "EmbeddingsResult"]
+__all__ = [
+    "EmbedJob",
+    "EmbeddingScheduler",
+    "EmbeddingsResult",
+    "embedding_outputs",
+    "workers",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -292,6 +298,12 @@ class EmbeddingScheduler(ModelThread[EmbedJob]):
             picked = self._pack()
             if not picked:
                 break
+            if batches and sum(len(job.seqs[i]) for job, i in picked) > self.batch_tokens:
+                # an input longer than a batch goes to the first context only: llama.cpp
+                # keeps a context's output buffer (n_vocab floats per token) at its largest
+                for job, i in picked:
+                    job.next = min(job.next, i)
+                break
             batches.append(_one_pooling(picked))
         if not batches:
             return
@@ -345,6 +357,13 @@ class EmbeddingScheduler(ModelThread[EmbedJob]):
                 logger.exception("an embedding job's last step failed in model %s", self.name)
                 exc = APIError("the request failed after embedding; see the server log")
             job.settle(error=exc)
+
+
+def embedding_outputs(threads: int, max_input_tokens: int) -> int:
+    """The output rows the embedding contexts reach together: the first decodes inputs up to
+    ``max_input_tokens`` long, the others only batches of :data:`BATCH_TOKENS`."""
+    count, _ = workers(threads)
+    return max(max_input_tokens, BATCH_TOKENS) + (count - 1) * BATCH_TOKENS
 
 
 def workers(threads: int) -> tuple[int, int]:

@@ -107,13 +107,21 @@ class MemoryPrediction:
         return self.weights + self.kv_cache + self.overhead
 
 
-def predict_memory(info: GGUFInfo, n_ctx: int, n_batch: int, slots: int = 1) -> MemoryPrediction:
+def predict_memory(
+    info: GGUFInfo, n_ctx: int, n_batch: int, slots: int = 1, embedding_outputs: int = 0
+) -> MemoryPrediction:
     """Predicted RSS growth of loading ``info`` with ``slots`` KV streams of ``n_ctx`` cells
-    (CPU, f16 KV cache; llama.cpp rounds each stream up to a multiple of 256 cells)."""
+    (CPU, f16 KV cache; llama.cpp rounds each stream up to a multiple of 256 cells).
+
+    ``embedding_outputs``: the output rows of the model's embedding contexts together (see
+    :func:`~llmis.engine.embedding_scheduler.embedding_outputs`). llama.cpp keeps
+    ``n_vocab`` floats of logits per output row in every context, embedding ones included,
+    and an embedding context outputs every token of its batch."""
     n_embd = info.embedding_length or 0
     n_vocab = info.vocab_size or 0
     overhead = _FIXED_OVERHEAD + _PER_BATCH_EMBD * min(n_batch, n_ctx) * n_embd
     overhead += _PER_VOCAB * n_vocab
+    overhead += 4 * n_vocab * embedding_outputs
     cells = -(-n_ctx // _KV_PAD) * _KV_PAD * slots
     return MemoryPrediction(info.file_size, info.kv_cache_bytes(cells), overhead)
 

@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 
 from llmis.config import ModelSettings, Settings
+from llmis.engine.embedding_scheduler import embedding_outputs
 from llmis.engine.scheduler import Scheduler
 from llmis.errors import (
     APIError,
@@ -221,13 +222,19 @@ class ModelManager:
                 info = await loop.run_in_executor(None, self._infos.get, path)
                 entry.path, entry.info = path, info
                 model = effective_settings(entry, info, self.budget)
-                prediction = predict_memory(info, model.n_ctx, model.n_batch, model.n_slots)
+                threads = model.threads or self.settings.server.threads or default_threads()
+                outputs = 0
+                if model.embedding:
+                    trained = info.context_length or model.n_ctx
+                    outputs = embedding_outputs(threads, min(model.n_ctx, trained))
+                prediction = predict_memory(
+                    info, model.n_ctx, model.n_batch, model.n_slots, embedding_outputs=outputs
+                )
                 entry.predicted_bytes = prediction.total
                 await self._make_room(entry, entry.measured_bytes or prediction.total, evict)
                 started = time.monotonic()
                 release_free_heap()
                 before = process_rss()
-                threads = model.threads or self.settings.server.threads or default_threads()
                 worker = await loop.run_in_executor(None, load_scheduler, model, path, threads)
                 entry.measured_bytes = max(process_rss() - before, 0)
                 entry.load_seconds = time.monotonic() - started
