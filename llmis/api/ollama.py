@@ -12,7 +12,6 @@ version, pull, delete) are in :mod:`llmis.api.ollama_models`.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime as dt
 import json
@@ -35,7 +34,7 @@ from llmis.api.ollama_protocol import (
     keep_alive_seconds,
     task_fields,
 )
-from llmis.api.sse import within
+from llmis.api.sse import ResponseStream, dumps
 from llmis.engine.jobs import Delta, Failed, Finished
 from llmis.errors import APIError, BadRequestError
 from llmis.models.manager import ModelManager
@@ -65,30 +64,15 @@ def timestamp(at: float | None = None) -> str:
     return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-class NdjsonStream:
-    """A prepared NDJSON response; writes raise ``ConnectionResetError`` once the client left."""
+class NdjsonStream(ResponseStream):
+    """A prepared NDJSON response: one JSON object per line."""
 
     def __init__(self, request: web.Request) -> None:
-        self.request = request
-        self.write_timeout = request.app[SETTINGS].server.write_timeout_seconds
-        self.response = web.StreamResponse(
-            status=200, headers={"Content-Type": NDJSON, "Cache-Control": "no-cache"}
-        )
-
-    async def prepare(self) -> None:
-        await self.response.prepare(self.request)
+        headers = {"Content-Type": NDJSON, "Cache-Control": "no-cache"}
+        super().__init__(request, headers, request.app[SETTINGS].server.write_timeout_seconds)
 
     async def send(self, payload: dict[str, Any]) -> None:
-        line = json.dumps(payload, ensure_ascii=False, separators=(",", ":")) + "\n"
-        try:
-            await within(self.response.write(line.encode()), self.write_timeout)
-        except asyncio.TimeoutError:
-            if self.request.transport is not None:
-                self.request.transport.abort()
-            raise ConnectionResetError("the client stopped reading") from None
-
-    async def close(self) -> None:
-        await self.response.write_eof()
+        await self.write(dumps(payload) + b"\n")
 
 
 # ----- models -----

@@ -1,4 +1,5 @@
-"""Server-Sent Events framed exactly as OpenAI sends them.
+"""Server-Sent Events framed exactly as OpenAI sends them, on the streamed-response writer
+that Ollama's NDJSON shares.
 
 ``data: {json}\\n\\n`` per event, ``data: [DONE]\\n\\n`` at the end, ``: ping`` comment lines to
 keep an idle connection open; headers as aiohttp-sse sets them. A write that cannot complete
@@ -19,7 +20,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-__all__ = ["SSE_HEADERS", "EventStream", "within"]
+__all__ = ["SSE_HEADERS", "EventStream", "ResponseStream", "dumps", "within"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,24 +56,23 @@ async def within(write: Coroutine[Any, Any, None], seconds: float | None) -> Non
         await asyncio.wait_for(write, seconds)
 
 
-class EventStream:
-    """A prepared ``text/event-stream`` response. Writes raise ``ConnectionResetError``
-    once the client has gone, or when one stalls for ``write_timeout`` seconds."""
+class ResponseStream:
+    """A prepared streamed response (SSE or NDJSON), written a frame at a time. Writes raise
+    ``ConnectionResetError`` once the client has gone, or when one stalls for
+    ``write_timeout`` seconds."""
 
     def __init__(
-        self,
-        request: web.Request,
-        headers: dict[str, str] | None = None,
-        write_timeout: float | None = None,
+        self, request: web.Request, headers: dict[str, str], write_timeout: float | None
     ) -> None:
         self.request = request
-        self.response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **(headers or {})})
+        self.response = web.StreamResponse(status=200, headers=headers)
         self.write_timeout = write_timeout
 
     async def prepare(self) -> None:
         await self.response.prepare(self.request)
 
-    async def _write(self, data: bytes) -> None:
+    async def write(self, data: bytes) -> None:
+        """One frame; once per token, so no timer unless the transport is backed up."""
         transport = self.request.transport
         if self.write_timeout is None or (
             transport is not None
@@ -95,20 +95,32 @@ class EventStream:
                 transport.abort()
             raise ConnectionResetError("the client stopped reading") from None
 
+    async def close(self) -> None:
+        """End the stream (for SSE: without OpenAI's ``[DONE]``)."""
+        await self.response.write_eof()
+
+
+class EventStream(ResponseStream):
+    """A prepared ``text/event-stream`` response."""
+
+    def __init__(
+        self,
+        request: web.Request,
+        headers: dict[str, str] | None = None,
+        write_timeout: float | None = None,
+    ) -> None:
+        super().__init__(request, {**SSE_HEADERS, **(headers or {})}, write_timeout)
+
     async def send(self, payload: dict[str, Any]) -> None:
-        await self._write(b"data: " + dumps(payload) + b"\n\n")
+        await self.write(b"data: " + dumps(payload) + b"\n\n")
 
     async def send_event(self, event: str, payload: dict[str, Any]) -> None:
         """A named event, as Anthropic frames them: ``event: name\ndata: {json}\n\n``."""
-        await self._write(f"event: {event}\ndata: ".encode() + dumps(payload) + b"\n\n")
-
-    async def close(self) -> None:
-        """End the stream without OpenAI's ``[DONE]``."""
-        await self.response.write_eof()
+        await self.write(f"event: {event}\ndata: ".encode() + dumps(payload) + b"\n\n")
 
     async def ping(self) -> None:
-        await self._write(b": ping\n\n")
+        await self.write(b": ping\n\n")
 
     async def done(self) -> None:
-        await self._write(b"data: [DONE]\n\n")
+        await self.write(b"data: [DONE]\n\n")
         await self.response.write_eof()
