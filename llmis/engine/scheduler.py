@@ -399,7 +399,7 @@ class Scheduler(ModelThread[Job | CallJob]):
         _flush(outbox)  # a first token sampled without a decode goes out before the decode
         rows = [s for s in active if s.next_token is not None]
         alone = [s for s in rows if self._decodes_alone(s)]
-        together = [s for s in rows if not self._decodes_alone(s)]
+        together = [s for s in rows if s not in alone]
         for group in ([together] if together else []) + [[s] for s in alone]:
             self._clear()
             for slot in group:
