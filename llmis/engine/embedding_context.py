@@ -37,7 +37,14 @@ from numpy.typing import NDArray
 from llmis.engine.llama import Engine
 from llmis.errors import APIError, BadRequestError, ContextOverflowError, ModelFileError
 
-__all__ = ["BATCH_TOKENS", "MAX_SEQS", "EmbeddingContext", "EmbeddingInput", "Pooling"]
+__all__ = [
+    "BATCH_TOKENS",
+    "MAX_SEQS",
+    "EmbeddingContext",
+    "EmbeddingInput",
+    "Pooling",
+    "input_limit",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +53,12 @@ EmbeddingInput = str | Sequence[int]
 
 BATCH_TOKENS = 160
 MAX_SEQS = 64
+
+
+def input_limit(n_ctx: int, trained: int) -> int:
+    """The longest input one pass takes: the configured context, within the trained length
+    (``trained`` 0: the GGUF names none)."""
+    return min(n_ctx, trained) if trained > 0 else n_ctx
 
 
 def _pool(hidden: NDArray[np.float32], pooling: Pooling) -> NDArray[np.float32]:
@@ -71,8 +84,7 @@ class EmbeddingContext:
         self.engine = engine
         model = engine.model.model
         trained = int(llama_cpp.llama_model_n_ctx_train(model))
-        # the longest input one pass takes: the configured context, the trained length
-        self.max_input_tokens = min(engine.n_ctx, trained) if trained > 0 else engine.n_ctx
+        self.max_input_tokens = input_limit(engine.n_ctx, trained)
         self.n_batch = max(batch_tokens, self.max_input_tokens)
         self.n_seq_max = max(1, min(max_seqs, int(llama_cpp.llama_max_parallel_sequences())))
         params = llama_cpp.llama_context_default_params()

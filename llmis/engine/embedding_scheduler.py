@@ -301,8 +301,7 @@ class EmbeddingScheduler(ModelThread[EmbedJob]):
             if batches and sum(len(job.seqs[i]) for job, i in picked) > self.batch_tokens:
                 # an input longer than a batch goes to the first context only: llama.cpp
                 # keeps a context's output buffer (n_vocab floats per token) at its largest
-                for job, i in picked:
-                    job.next = min(job.next, i)
+                _put_back(picked)
                 break
             batches.append(_one_pooling(picked))
         if not batches:
@@ -375,10 +374,14 @@ def workers(threads: int) -> tuple[int, int]:
 def _one_pooling(picked: list[tuple[EmbedJob, int]]) -> tuple[list[tuple[EmbedJob, int]], Pooling]:
     """One pooling per batch: rows of jobs with another pooling go back for a later batch."""
     pooling = picked[0][0].pooling
-    for job, i in picked:
-        if job.pooling != pooling:
-            job.next = min(job.next, i)
+    _put_back([(job, i) for job, i in picked if job.pooling != pooling])
     return [(job, i) for job, i in picked if job.pooling == pooling], pooling
+
+
+def _put_back(rows: list[tuple[EmbedJob, int]]) -> None:
+    """Rows packed but not decoded in this step: their jobs take them again in a later batch."""
+    for job, i in rows:
+        job.next = min(job.next, i)
 
 
 def _decode(

@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 
 from llmis.config import ModelSettings, Settings
+from llmis.engine.embedding_context import input_limit
 from llmis.engine.embedding_scheduler import embedding_outputs
 from llmis.engine.scheduler import Scheduler
 from llmis.errors import (
@@ -225,8 +226,8 @@ class ModelManager:
                 threads = model.threads or self.settings.server.threads or default_threads()
                 outputs = 0
                 if model.embedding:
-                    trained = info.context_length or model.n_ctx
-                    outputs = embedding_outputs(threads, min(model.n_ctx, trained))
+                    limit = input_limit(model.n_ctx, info.context_length or 0)
+                    outputs = embedding_outputs(threads, limit)
                 prediction = predict_memory(
                     info, model.n_ctx, model.n_batch, model.n_slots, embedding_outputs=outputs
                 )
