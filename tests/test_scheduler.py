@@ -262,6 +262,26 @@ async def test_a_token_sampled_without_a_decode_goes_out_before_the_next_decode(
     assert again.finished is not None and again.finished.cached_tokens == len(prompt)
 
 
+async def test_a_seeded_request_takes_the_slot_whose_cache_it_can_use(
+    worker: Scheduler, engine: Engine
+) -> None:
+    """Two slots hold the same prompt, one evaluated after a partial reuse (not canonical),
+    the other canonically. A seeded request for it takes the canonical one, from its saved
+    logits, even though the other is less recently used."""
+    prompt = engine.chat_prompt(messages("Invent a name for a horse.", SYSTEM))
+    await Run(worker, engine.chat_prompt(messages(QUESTIONS[0], SYSTEM)), GREEDY).result()
+    # the unseeded copy reuses the system prompt's slot at an unaligned length; the seeded
+    # one, started while that slot is busy, is evaluated canonically in an empty slot
+    unseeded = Run(worker, prompt, GREEDY)
+    await unseeded.first_delta.wait()
+    first = Run(worker, prompt, seeded(4))
+    await asyncio.gather(unseeded.result(), first.result())
+    assert unseeded.finished is not None and unseeded.finished.cached_tokens % worker.chunk
+    again = Run(worker, prompt, seeded(4))
+    assert await again.result() == await first.result()
+    assert again.finished is not None and again.finished.cached_tokens == len(prompt)
+
+
 async def test_all_slots_free_after_a_burst(worker: Scheduler, engine: Engine) -> None:
     prompts = [engine.chat_prompt(messages(q)) for q in QUESTIONS] * 2  # 10 jobs, 3 slots
     params = SamplingParams(max_tokens=8, temperature=0)

@@ -25,12 +25,12 @@ however it arrived, and the prompt cache can serve seeded requests too:
   aligned chunks (never generated tokens, which are decoded one by one), so its output is the
   same as on a fresh context.
 
-A new prompt goes to the free slot sharing the longest prefix with it (least recently used on
-a tie). A cancelled job's slot is emptied before the next step. A failure inside one sequence
-(its sampler, its grammar) fails that request only; a failed decode fails the sequences in
-that batch; if the thread itself dies, every waiting and running request gets an error and
-the scheduler reports itself failed (``on_failure``). Blocking calls (:meth:`call`, e.g. an
-embedding batch) run between steps.
+A new prompt goes to the free slot it would reuse the most cached tokens from, by those rules
+(least recently used on a tie). A cancelled job's slot is emptied before the next step. A
+failure inside one sequence (its sampler, its grammar) fails that request only; a failed
+decode fails the sequences in that batch; if the thread itself dies, every waiting and running
+request gets an error and the scheduler reports itself failed (``on_failure``). Blocking calls
+(:meth:`call`, e.g. an embedding batch) run between steps.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from llmis.engine.llama import Engine, GenerationContext
 from llmis.engine.logprobs import token_logprob
 from llmis.engine.model_thread import ModelThread, unloading_error
 from llmis.engine.sampling import Sampler, TextStream
-from llmis.engine.slots import Slot, common_prefix
+from llmis.engine.slots import Slot
 from llmis.errors import APIError, QueueFullError
 
 __all__ = ["Scheduler"]
@@ -259,8 +259,8 @@ class Scheduler(ModelThread[Job | CallJob]):
             with self._cond:
                 self._calls_running = 0
             outbox: list[tuple[Job, JobEvent]] = []
-            for slot in admitted:
-                self._start(slot, outbox)
+            for slot, keep in admitted:
+                self._start(slot, keep, outbox)
             for slot in self._slots:
                 if slot.job is not None and slot.job.cancel.is_set():
                     logger.debug("job %s cancelled in slot %d", slot.job.id, slot.seq_id)
@@ -272,10 +272,11 @@ class Scheduler(ModelThread[Job | CallJob]):
     def _active(self) -> bool:
         return any(s.job is not None for s in self._slots)
 
-    def _admit(self) -> tuple[list[CallJob], list[Slot]]:
-        """Under the lock: take calls and jobs off the front of the queue while slots are free."""
+    def _admit(self) -> tuple[list[CallJob], list[tuple[Slot, int]]]:
+        """Under the lock: take calls and jobs off the front of the queue while slots are free.
+        Each admitted job's slot comes with how many prompt tokens it reuses from there."""
         calls: list[CallJob] = []
-        admitted: list[Slot] = []
+        admitted: list[tuple[Slot, int]] = []
         while self._queue:
             job = self._queue[0]
             if isinstance(job, CallJob):
@@ -290,10 +291,15 @@ class Scheduler(ModelThread[Job | CallJob]):
             if not free:
                 break
             self._queue.popleft()
-            prompt = job.prompt
-            slot = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
+            # the slot that gives this job the most cached tokens (a seeded job counts only
+            # canonically evaluated ones), least recently used on a tie
+            prompt, seeded = job.prompt, job.params.seed is not None
+            keep, _, slot = max(
+                ((s.reusable(prompt, seeded, self.chunk), -s.last_used, s) for s in free),
+                key=lambda choice: choice[:2],
+            )
             slot.job = job
-            admitted.append(slot)
+            admitted.append((slot, keep))
         return calls, admitted
 
     def _execute_call(self, job: CallJob) -> None:
@@ -306,7 +312,8 @@ class Scheduler(ModelThread[Job | CallJob]):
                 logger.exception("call failed in model %s", self.name)
             job.settle(error=exc)
 
-    def _start(self, slot: Slot, outbox: list[tuple[Job, JobEvent]]) -> None:
+    def _start(self, slot: Slot, keep: int, outbox: list[tuple[Job, JobEvent]]) -> None:
+        """Start the slot's job, reusing ``keep`` cached prompt tokens (:meth:`Slot.reusable`)."""
         job = slot.job
         assert job is not None and self._gen is not None
         if job.cancel.is_set():
@@ -314,7 +321,6 @@ class Scheduler(ModelThread[Job | CallJob]):
             return
         try:
             prompt = list(job.prompt)
-            keep = slot.reusable(prompt, job.params.seed is not None, self.chunk)
             mem = llama_cpp.llama_get_memory(self._gen.ctx)
             if keep < len(slot.tokens) and not llama_cpp.llama_memory_seq_rm(
                 mem, slot.seq_id, keep, -1
